@@ -1,0 +1,66 @@
+"""peftkit: parameter-efficient fine-tuning with PEFT's API and adapter files.
+
+``import peftkit`` where you wrote ``import peft``; adapters move both ways.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from .config import PeftConfig
+from .core.layer import AdapterLayer
+from .core.tuner import AdapterModel
+from .core.wrappers import ModulesToSaveWrapper
+from .mapping import get_peft_model, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from .methods.lora import LoraConfig, LoraLayer
+from .peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from .types import PeftType, TaskType
+
+LoraModel = AdapterModel  # PEFT's name for the LoRA engine
+
+__all__ = [
+    "AdapterLayer",
+    "AdapterModel",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+    "LoraConfig",
+    "LoraLayer",
+    "LoraModel",
+    "ModulesToSaveWrapper",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TaskType",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "set_peft_model_state_dict",
+]

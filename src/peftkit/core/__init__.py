@@ -1,0 +1,1 @@
+"""The engine every weight-space method shares."""

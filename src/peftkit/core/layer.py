@@ -1,0 +1,262 @@
+"""``AdapterLayer``: the one wrapper every weight-space method lives in.
+
+The base layer stays inside as ``base_layer`` so that state-dict paths match PEFT's. A
+method subclass declares where its per-adapter parameters live and fills in the math
+(``create``, ``adapt``, ``delta_weight``); everything else is written here once:
+forward with several active adapters, per-sample adapter batches, merge / safe merge /
+unmerge, enable / disable, set and delete adapters, dtype and device following.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .base_ops import BaseOps, ops_for
+from .context import BASE_ADAPTER, current_adapter_names
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one base layer and holds any number of named adapters of one method.
+
+    Subclasses set the class attributes and implement ``create``, ``adapt`` and
+    ``delta_weight``; they may override ``merge_into`` for a faster in-place merge.
+    """
+
+    prefix: ClassVar[str] = ""
+    # Attributes holding per-adapter parameters (ModuleDict / ParameterDict): saved, trainable.
+    adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    # Attributes holding other per-adapter state (plain dicts or parameter-free ModuleDicts).
+    other_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module, ops: BaseOps | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        ops = ops or ops_for(base_layer)
+        if ops is None:
+            raise TypeError(f"{type(self).__name__} cannot wrap a {type(base_layer).__name__}.")
+        self.ops = ops
+        self.in_features = ops.in_features
+        self.out_features = ops.out_features
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+
+    # ------------------------------------------------------------------ the method's part
+    def create(self, adapter: str, config: Any, **per_layer: Any) -> None:
+        """Build the parameters of one adapter (on ``self.base_layer``'s device)."""
+        raise NotImplementedError
+
+    def adapt(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Return ``out`` plus this adapter's contribution for input ``x`` (may update ``out`` in place)."""
+        raise NotImplementedError
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        """The adapter's weight change as an (out, fan_in) tensor, in the adapter's dtype."""
+        raise NotImplementedError
+
+    def merge_into(self, adapter: str, w2d: torch.Tensor, sign: float) -> None:
+        """Add (sign=1) or remove (sign=-1) the adapter's change to a weight view in place."""
+        delta = self.delta_weight(adapter)
+        w2d.add_(delta.to(w2d.dtype), alpha=sign)
+
+    def bias_delta(self, adapter: str) -> torch.Tensor | None:
+        """The adapter's change to the base bias, if it has one (LoRA's ``lora_bias``)."""
+        return None
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the adapters this layer holds, in creation order."""
+        names: dict[str, None] = {}
+        for attr in self.adapter_attrs:
+            for k in getattr(self, attr).keys():
+                names[k] = None
+        return list(names)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def adapter_parameters(self, adapter: str) -> Iterable[nn.Parameter]:
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if adapter in container:
+                entry = container[adapter]
+                yield from ([entry] if isinstance(entry, nn.Parameter) else entry.parameters())
+
+    def checkpoint_name(self, attr: str, sub: str | None = None) -> str:
+        """The key fragment a tensor is saved under (``lora_A`` + ``weight`` -> ``lora_A.weight``)."""
+        return f"{attr}.{sub}" if sub else attr
+
+    def adapter_dtype(self) -> torch.dtype:
+        """Adapter weights are kept in float32 over a half-precision base (stable training)."""
+        dtype = self.base_layer.weight.dtype
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def add_adapter(self, adapter: str, config: Any, *, device: torch.device | str | None = None, **kw: Any) -> None:
+        """Create one adapter and make its trainability follow the active set."""
+        if adapter in self.adapters:
+            raise ValueError(f"Adapter {adapter!r} already exists on this layer.")
+        target = torch.device(device if device is not None else self.base_layer.weight.device)
+        self.create(adapter, config, device=target, **kw)
+        dtype = self.adapter_dtype()
+        for p in self.adapter_parameters(adapter):
+            if target.type != "meta" and (p.device != target or (p.is_floating_point() and p.dtype != dtype)):
+                p.data = p.data.to(target, dtype=dtype if p.is_floating_point() else p.dtype)
+        if not self.active_adapters:
+            self.active_adapters = [adapter]
+        self.set_adapter(self.active_adapters)
+
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        """Make these adapters active: their parameters train, the others are frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for attr in self.adapter_attrs:
+            for key, entry in getattr(self, attr).items():
+                entry.requires_grad_(key in names)
+        self.active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn every adapter on or off; turning off a merged layer unmerges it first."""
+        if not enabled and self.merged:
+            self.unmerge()
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter: str) -> None:
+        """Remove every trace of one adapter; a deleted active adapter hands over to another."""
+        if adapter in self.merged_adapters:
+            raise ValueError(f"Adapter {adapter!r} is merged: unmerge it before deleting it.")
+        for attr in self.adapter_attrs + self.other_attrs:
+            container = getattr(self, attr, None)
+            if container is not None and adapter in container:
+                del container[adapter]
+        if adapter in self.active_adapters:
+            remaining = [a for a in self.active_adapters if a != adapter]
+            if not remaining:
+                left = self.adapters
+                remaining = left[:1]
+                if left:
+                    warnings.warn(f"Adapter {adapter!r} was active and is deleted; {left[0]!r} is active now.")
+            self.set_adapter(remaining)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._disable_adapters or not self.active_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        names = current_adapter_names()
+        if names is not None:
+            return self._mixed_forward(x, names, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged_adapters:
+            return out
+        for adapter in self.active_adapters:
+            if adapter in self.adapters:
+                out = self.adapt(adapter, x, out)
+        return out
+
+    def _mixed_forward(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each sample of the batch runs with its own adapter (``BASE_ADAPTER``: none)."""
+        if self.merged_adapters:
+            raise ValueError("adapter_names cannot be used while adapters are merged: call unmerge_adapter() first.")
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]}.")
+        out = self.base_layer(x, *args, **kwargs)
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name, []).append(i)
+        out = out.clone()
+        for name, rows in groups.items():
+            if name == BASE_ADAPTER or name not in self.adapters:
+                continue
+            idx = torch.tensor(rows, device=x.device)
+            sub = out.index_select(0, idx)
+            out.index_copy_(0, idx, self.adapt(name, x.index_select(0, idx), sub))
+        return out
+
+    # ------------------------------------------------------------------ merge
+    def _weight2d(self) -> torch.Tensor:
+        return self.ops.weight2d(self.base_layer)
+
+    def check_merge(self, adapter_names: Sequence[str]) -> None:
+        """Raise if merging these adapters would put a non-finite value into the weight."""
+        with torch.no_grad():
+            w = self._weight2d().clone()
+            for adapter in adapter_names:
+                self.merge_into(adapter, w, 1.0)
+                db = self.bias_delta(adapter)
+                if not torch.isfinite(w).all() or (db is not None and not torch.isfinite(db).all()):
+                    raise ValueError(
+                        f"Merging adapter {adapter!r} would put NaN/inf into {type(self.base_layer).__name__} "
+                        "weights; the model was left unchanged. Check the adapter's weights."
+                    )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weight."""
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        names = [a for a in names if a in self.adapters]
+        already = [a for a in names if a in self.merged_adapters]
+        if already and adapter_names is not None:
+            warnings.warn(f"Adapters {already} are already merged; merging the rest.")
+        names = [a for a in names if a not in self.merged_adapters]
+        if safe_merge:
+            self.check_merge(names)
+        with torch.no_grad():
+            w = self._weight2d()
+            for adapter in names:
+                self._merge_one(adapter, w, 1.0)
+                self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Take merged adapters back out of the base weight, last merged first."""
+        if not self.merged_adapters:
+            warnings.warn("Nothing to unmerge: no adapter is merged.")
+            return
+        with torch.no_grad():
+            w = self._weight2d()
+            while self.merged_adapters:
+                self._merge_one(self.merged_adapters.pop(), w, -1.0)
+
+    def _merge_one(self, adapter: str, w2d: torch.Tensor, sign: float) -> None:
+        self.merge_into(adapter, w2d, sign)
+        db = self.bias_delta(adapter)
+        if db is not None:
+            bias = self.base_layer.bias
+            if bias is None:
+                raise ValueError(f"Adapter {adapter!r} changes the bias, but the base layer has none: it cannot merge.")
+            bias.add_(db.to(bias.dtype), alpha=sign)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The weight change in the base layer's own layout (PEFT's name for it)."""
+        delta = self.delta_weight(adapter)
+        w = self.base_layer.weight
+        if self.ops.kind == "conv":
+            return delta.view(w.shape)
+        if self.ops.kind == "embedding" or self.ops.transposed:
+            return delta.t()
+        return delta
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapters}, active={self.active_adapters}, merged={self.merged_adapters}"

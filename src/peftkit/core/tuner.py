@@ -1,0 +1,343 @@
+"""The model-level engine: injects adapter layers and runs every model-level verb once.
+
+``AdapterModel`` wraps the user's model as ``self.model`` (so state-dict keys read
+``base_model.model.<path>`` from the ``PeftModel`` above it) and knows nothing about any one
+method: the registry tells it which layer class to build and how.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import PeftConfig
+from ..registry import MethodSpec, get_method
+from .base_ops import is_transformers_conv1d, linear_types, ops_for
+from .context import forward_options
+from .layer import AdapterLayer
+from .targeting import ALL_LINEAR, _matches_list, expand_all_linear, is_target, no_match_error
+from .wrappers import ModulesToSaveWrapper
+
+_WRAPPERS = (AdapterLayer, ModulesToSaveWrapper)
+
+
+def _parent(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = key.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def top_level_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` without the insides of adapter layers and modules_to_save wrappers."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if inside and any(name.startswith(p) for p in inside):
+            continue
+        yield name, module
+        if isinstance(module, _WRAPPERS):
+            inside.append(name + ".")
+
+
+class AdapterModel(nn.Module):
+    """Holds the user's model and the configs of its adapters (PEFT's ``LoraModel`` & co.).
+
+    Args:
+        model: the model to adapt, changed in place.
+        peft_config: the first adapter's config.
+        adapter_name: its name.
+        low_cpu_mem_usage: create the adapter's tensors on the meta device (to be loaded).
+    """
+
+    def __init__(
+        self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        self.inject_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        self.model.peft_config = self.peft_config
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ------------------------------------------------------------------ calls
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        with forward_options(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        with forward_options(self._expand_names(adapter_names, kwargs)):
+            return self.model.generate(*args, **kwargs)
+
+    @staticmethod
+    def _expand_names(names: Sequence[str] | None, kwargs: dict[str, Any]) -> Sequence[str] | None:
+        """Beam search and sampling repeat each input; repeat its adapter name the same way."""
+        if names is None:
+            return None
+        gen_cfg = kwargs.get("generation_config")
+        beams = kwargs.get("num_beams", getattr(gen_cfg, "num_beams", 1) or 1)
+        ret = kwargs.get("num_return_sequences", getattr(gen_cfg, "num_return_sequences", 1) or 1)
+        repeat = max(beams, ret) if beams > 1 else ret
+        return [n for n in names for _ in range(repeat)]
+
+    # ------------------------------------------------------------------ views
+    @property
+    def active_adapters(self) -> list[str]:
+        a = self.active_adapter
+        return [a] if isinstance(a, str) else list(a)
+
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for name, module in top_level_modules(self.model):
+            if isinstance(module, AdapterLayer):
+                yield name, module
+
+    def _wrappers(self) -> Iterator[tuple[str, nn.Module]]:
+        """Adapter layers and modules_to_save wrappers: everything that answers the adapter verbs."""
+        for name, module in top_level_modules(self.model):
+            if isinstance(module, _WRAPPERS):
+                yield name, module
+
+    def _check_adapters(self, names: Sequence[str]) -> None:
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"Unknown adapter(s) {missing}: this model has {list(self.peft_config)}.")
+
+    # ------------------------------------------------------------------ building
+    def _prepare_config(self, config: PeftConfig, spec: MethodSpec) -> PeftConfig:
+        config = dataclasses.replace(config)  # the caller's object stays as it was
+        targets = getattr(config, "target_modules", None)
+        if targets is None and spec.default_targets is not None:
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            if model_type not in spec.default_targets:
+                raise ValueError(
+                    f"target_modules is not set and peftkit has no default for model_type={model_type!r}: "
+                    "pass target_modules (a list of module names, a regex, or 'all-linear')."
+                )
+            config.target_modules = set(spec.default_targets[model_type])
+        elif isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+            config.target_modules = expand_all_linear(self.model, linear_types())
+        return config
+
+    def inject_adapter(
+        self, adapter_name: str, config: PeftConfig, low_cpu_mem_usage: bool = False
+    ) -> None:
+        """Add one adapter to every module the config selects; on error nothing is changed."""
+        spec = get_method(config.peft_type)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists: pick another name.")
+        for other in self.peft_config.values():
+            if other.peft_type != config.peft_type:
+                raise ValueError(
+                    f"This model holds {other.peft_type} adapters; adding a {config.peft_type} adapter to it "
+                    "is not supported."
+                )
+        config = self._prepare_config(config, spec)
+        targets: list[tuple[str, nn.Module]] = []
+        for key, module in top_level_modules(self.model):
+            if key and is_target(config, key):
+                targets.append((key, module))
+        if not targets:
+            raise no_match_error(config, self.model)
+        for key, module in targets:
+            if isinstance(module, AdapterLayer):
+                if not isinstance(module, spec.layer):
+                    raise TypeError(f"{key} already holds a {type(module).__name__}; cannot add {spec.layer.__name__}.")
+            elif ops_for(module) is None:
+                raise TypeError(
+                    f"Target module {key} is a {type(module).__name__}; {config.peft_type} adapts nn.Linear, "
+                    "transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d. Narrow target_modules."
+                )
+        self._sync_fan_in_fan_out(config, [m for _, m in targets])
+
+        self.peft_config[adapter_name] = config
+        device = torch.device("meta") if low_cpu_mem_usage else None
+        active = self.active_adapters
+        for key, module in targets:
+            kwargs = spec.per_layer(config, key) if spec.per_layer else {}
+            if isinstance(module, AdapterLayer):
+                module.add_adapter(adapter_name, config, device=device, **kwargs)
+                continue
+            layer = spec.layer(module)
+            layer.active_adapters = [a for a in active]
+            layer.add_adapter(adapter_name, config, device=device, **kwargs)
+            layer.train(module.training)
+            parent, child = _parent(self.model, key)
+            setattr(parent, child, layer)
+        self._mark_trainable(spec, config)
+        if getattr(config, "modules_to_save", None):
+            self._wrap_modules_to_save(adapter_name, config.modules_to_save)
+        if config.inference_mode:
+            self._freeze(adapter_name)
+
+    @staticmethod
+    def _sync_fan_in_fan_out(config: PeftConfig, modules: list[nn.Module]) -> None:
+        """Record the weight layout in the config as PEFT does (Conv1D stores weights as (in, out))."""
+        if not hasattr(config, "fan_in_fan_out"):
+            return
+        conv1d = any(is_transformers_conv1d(m) for m in modules)
+        if conv1d and not config.fan_in_fan_out:
+            warnings.warn("The targets are transformers Conv1D layers: setting fan_in_fan_out=True.")
+            config.fan_in_fan_out = True
+        elif not conv1d and config.fan_in_fan_out and any(isinstance(m, nn.Linear) for m in modules):
+            warnings.warn("fan_in_fan_out=True does not fit nn.Linear targets: setting fan_in_fan_out=False.")
+            config.fan_in_fan_out = False
+
+    def _mark_trainable(self, spec: MethodSpec, config: PeftConfig) -> None:
+        for name, p in self.model.named_parameters():
+            if spec.prefix not in name:
+                p.requires_grad_(False)
+        bias = getattr(config, "bias", "none")
+        if bias == "all":
+            for name, p in self.model.named_parameters():
+                if "bias" in name:
+                    p.requires_grad_(True)
+        elif bias.endswith("_only"):
+            for _, layer in self.adapter_layers():
+                if getattr(layer.base_layer, "bias", None) is not None:
+                    layer.base_layer.bias.requires_grad_(True)
+        for _, module in self._wrappers():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.set_adapter(self.active_adapters)
+
+    def _wrap_modules_to_save(self, adapter_name: str, names: Sequence[str]) -> None:
+        for key, module in list(top_level_modules(self.model)):
+            if not key or not _matches_list(key, names):
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+            else:
+                module = ModulesToSaveWrapper(module, adapter_name)
+                parent, child = _parent(self.model, key)
+                setattr(parent, child, module)
+            module.set_adapter(self.active_adapters)
+
+    def _freeze(self, adapter_name: str) -> None:
+        for _, layer in self.adapter_layers():
+            for p in layer.adapter_parameters(adapter_name):
+                p.requires_grad_(False)
+        for _, module in self._wrappers():
+            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                module.modules_to_save[adapter_name].requires_grad_(False)
+
+    # ------------------------------------------------------------------ adapter verbs
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Make one adapter (or several, whose outputs add up) the active one(s)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_adapters(names)
+        if any(layer.merged for _, layer in self.adapter_layers()):
+            warnings.warn("Adapters are merged; unmerging them before switching the active adapter.")
+            self.unmerge_adapter()
+        for _, module in self._wrappers():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.set_adapter(names, inference_mode=inference_mode)
+            else:
+                module.set_adapter(names)
+                if inference_mode:
+                    for n in names:
+                        for p in module.adapter_parameters(n):
+                            p.requires_grad_(False)
+        self.active_adapter = names[0] if len(names) == 1 else names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer and from the configs."""
+        self._check_adapters([adapter_name])
+        for _, layer in self.adapter_layers():
+            if adapter_name in layer.merged_adapters:
+                raise ValueError(f"Adapter {adapter_name!r} is merged: call unmerge_adapter() before deleting it.")
+        del self.peft_config[adapter_name]
+        for key, module in list(self._wrappers()):
+            module.delete_adapter(adapter_name)
+            if not module.adapters:  # nothing left: put the plain module back
+                parent, child = _parent(self.model, key)
+                setattr(parent, child, module.base_layer if isinstance(module, AdapterLayer) else module.original_module)
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        if remaining:
+            self.set_adapter(remaining)
+        else:
+            self.active_adapter = []
+
+    def _set_enabled(self, enabled: bool) -> None:
+        for _, module in self._wrappers():
+            module.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_enabled(True)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone; merged adapters are unmerged first."""
+        self._set_enabled(False)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        self._set_enabled(False)
+        try:
+            yield
+        finally:
+            self._set_enabled(True)
+
+    # ------------------------------------------------------------------ merging
+    def _check_safe_merge(self, layers: list[AdapterLayer], adapter_names: Sequence[str] | None) -> None:
+        for layer in layers:
+            names = layer.active_adapters if adapter_names is None else adapter_names
+            layer.check_merge([a for a in names if a in layer.adapters and a not in layer.merged_adapters])
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights, keeping the layers."""
+        if adapter_names is not None:
+            self._check_adapters(adapter_names)
+        layers = [layer for _, layer in self.adapter_layers()]
+        if safe_merge:
+            self._check_safe_merge(layers, adapter_names)
+        for layer in layers:
+            layer.merge(adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """Merge adapters into the base weights and return the plain model."""
+        if adapter_names is not None:
+            self._check_adapters(adapter_names)
+        layers = [layer for _, layer in self.adapter_layers()]
+        if safe_merge:
+            self._check_safe_merge(layers, adapter_names)
+        return self._unload(merge=True, progressbar=progressbar, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original model."""
+        self.unmerge_adapter()
+        return self._unload(merge=False)
+
+    def _unload(self, merge: bool, progressbar: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        wrappers = list(self._wrappers())
+        desc = "Unloading and merging model" if merge else "Unloading model"
+        for key, module in tqdm(wrappers, disable=not progressbar, desc=desc):
+            if isinstance(module, AdapterLayer):
+                if merge:
+                    module.merge(adapter_names=adapter_names)
+                replacement = module.base_layer
+            else:
+                replacement = module.unwrapped(merged=merge)
+            parent, child = _parent(self.model, key)
+            setattr(parent, child, replacement)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model

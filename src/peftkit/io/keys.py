@@ -1,0 +1,116 @@
+"""In-memory parameter names <-> checkpoint keys.
+
+In memory an adapter's tensors sit under its name (``q_proj.lora_A.default.weight``,
+``head.modules_to_save.default.weight``); in a file the name is gone
+(``base_model.model.q_proj.lora_A.weight``, ``base_model.model.head.weight``). The map is
+built from the model's structure, so saving and loading read the same table both ways.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.layer import AdapterLayer
+from ..core.tuner import AdapterModel, top_level_modules
+from ..core.wrappers import ModulesToSaveWrapper
+
+PREFIX = "base_model.model."
+
+
+@dataclass
+class Slot:
+    """Where one checkpoint tensor lives in the model.
+
+    Attributes:
+        owner: the module (or ParameterDict) holding it.
+        leaf: its attribute name (or ParameterDict key) on ``owner``.
+        mem_key: its key in the PeftModel's own ``state_dict()``.
+        layer: the adapter layer it belongs to (None for modules_to_save and biases).
+    """
+
+    owner: nn.Module
+    leaf: str
+    mem_key: str
+    layer: AdapterLayer | None = None
+
+    def get(self) -> torch.Tensor:
+        return self.owner[self.leaf] if isinstance(self.owner, nn.ParameterDict) else getattr(self.owner, self.leaf)
+
+    def set(self, value: torch.Tensor) -> None:
+        """Put a tensor in place: copy into a real parameter, or replace a meta one."""
+        old = self.get()
+        with torch.no_grad():
+            if old.device.type != "meta" and old.shape == value.shape:
+                old.copy_(value)
+                return
+            if self.layer is not None:
+                device = self.layer.base_layer.weight.device
+                dtype = self.layer.adapter_dtype() if value.is_floating_point() else value.dtype
+            else:
+                device, dtype = old.device, old.dtype
+            new = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=old.requires_grad)
+        if isinstance(self.owner, nn.ParameterDict):
+            self.owner[self.leaf] = new
+        else:
+            setattr(self.owner, self.leaf, new)
+
+
+def adapter_key_map(tuner: AdapterModel, adapter: str) -> dict[str, Slot]:
+    """Checkpoint key -> ``Slot`` for every tensor of one adapter."""
+    out: dict[str, Slot] = {}
+    for path, module in top_level_modules(tuner.model):
+        base = path + "." if path else ""
+        if isinstance(module, AdapterLayer):
+            for attr in module.adapter_attrs:
+                container = getattr(module, attr)
+                if adapter not in container:
+                    continue
+                entry = container[adapter]
+                mem = f"{PREFIX}{base}{attr}.{adapter}"
+                if isinstance(entry, nn.Parameter):
+                    out[PREFIX + base + module.checkpoint_name(attr)] = Slot(container, adapter, mem, module)
+                else:
+                    for sub, owner, leaf in _tensors(entry):
+                        ckpt = PREFIX + base + module.checkpoint_name(attr, sub)
+                        out[ckpt] = Slot(owner, leaf, f"{mem}.{sub}", module)
+        elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
+            for sub, owner, leaf in _tensors(module.modules_to_save[adapter]):
+                out[PREFIX + base + sub] = Slot(owner, leaf, f"{PREFIX}{base}modules_to_save.{adapter}.{sub}")
+    out.update(_bias_slots(tuner, adapter))
+    return out
+
+
+def _bias_slots(tuner: AdapterModel, adapter: str) -> dict[str, Slot]:
+    """Biases saved with the adapter under ``bias="all"`` or ``"<prefix>only"``."""
+    bias = getattr(tuner.peft_config.get(adapter), "bias", "none")
+    if bias == "none":
+        return {}
+    layers = [m for _, m in tuner.adapter_layers()]
+    layer_bases = {id(m.base_layer) for m in layers}
+    adapter_params = {id(p) for m in layers for a in m.adapters for p in m.adapter_parameters(a)}
+    out = {}
+    for path, module in tuner.model.named_modules():
+        if not isinstance(getattr(module, "bias", None), nn.Parameter) or id(module.bias) in adapter_params:
+            continue
+        if "modules_to_save." in path or path.endswith("original_module") or ".original_module." in path:
+            continue
+        if bias == "all" or id(module) in layer_bases:
+            key = f"{PREFIX}{path}.bias"
+            out[key] = Slot(module, "bias", key)
+    return out
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(dotted name, owner module, attribute) for each parameter and persistent buffer."""
+    found = []
+    for mod_name, mod in module.named_modules():
+        prefix = mod_name + "." if mod_name else ""
+        for name, _ in mod.named_parameters(recurse=False):
+            found.append((prefix + name, mod, name))
+        for name, _ in mod.named_buffers(recurse=False):
+            if name not in mod._non_persistent_buffers_set:
+                found.append((prefix + name, mod, name))
+    return found

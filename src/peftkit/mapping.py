@@ -1,0 +1,130 @@
+"""Functional entry points: build a PEFT model, inject adapters, get and set adapter state."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .core.tuner import AdapterModel
+from .io.keys import adapter_key_map
+
+if TYPE_CHECKING:
+    from .peft_model import PeftModel
+
+LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config``.
+
+    Args:
+        model: a transformers model or any ``nn.Module``; changed in place.
+        peft_config: the adapter's config (``LoraConfig(...)``).
+        adapter_name: the adapter's name.
+        mixed: adapters of different methods in one model (not supported yet).
+        autocast_adapter_dtype: keep adapter weights in float32 over a half-precision base.
+        revision: the base model's Hub revision, recorded in the config.
+        low_cpu_mem_usage: create the adapter on the meta device (for loading weights next).
+
+    Returns:
+        The task-specific ``PeftModel`` for ``peft_config.task_type``.
+    """
+    from .peft_model import MODEL_TYPE_TO_PEFT_MODEL, PeftModel
+
+    if mixed:
+        raise NotImplementedError("Adapters of different methods in one model (mixed=True) are not supported yet.")
+    if not autocast_adapter_dtype:
+        raise NotImplementedError("autocast_adapter_dtype=False is not supported: adapters over fp16/bf16 stay fp32.")
+    if revision is not None:
+        peft_config.revision = revision
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if name and peft_config.base_model_name_or_path is None:
+        peft_config.base_model_name_or_path = name
+    cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
+    return cls(model, peft_config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def inject_adapter_in_model(
+    peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+) -> nn.Module:
+    """Add adapter layers to ``model`` in place, without a ``PeftModel`` around it."""
+    AdapterModel(model, peft_config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    return model
+
+
+def _tuner(model: nn.Module) -> AdapterModel:
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, AdapterModel):
+        raise TypeError(f"Expected a PeftModel or AdapterModel, got {type(model).__name__}.")
+    return tuner
+
+
+def get_peft_model_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = "default", **_: Any
+) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter under their checkpoint keys (``base_model.model.<path>.<param>``).
+
+    Args:
+        model: the ``PeftModel``.
+        state_dict: take tensors from this full state dict (e.g. one gathered from shards) instead of the model.
+        adapter_name: which adapter.
+    """
+    tuner = _tuner(model)
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(f"Unknown adapter {adapter_name!r}: this model has {list(tuner.peft_config)}.")
+    slots = adapter_key_map(tuner, adapter_name)
+    if state_dict is not None:
+        return {k: state_dict[s.mem_key] for k, s in slots.items()}
+    return {k: s.get().detach() for k, s in slots.items()}
+
+
+def set_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> LoadResult:
+    """Load one adapter's tensors from checkpoint keys; checks every shape before changing anything.
+
+    Returns:
+        ``LoadResult(missing_keys, unexpected_keys)``: adapter tensors the file lacked, and
+        file keys that fit nothing in the model.
+    """
+    tuner = _tuner(model)
+    slots = adapter_key_map(tuner, adapter_name)
+    state = {_normalise_key(k): v for k, v in peft_model_state_dict.items()}
+    unexpected = [k for k in state if k not in slots]
+    missing = [s.mem_key for k, s in slots.items() if k not in state]
+    mismatched = []
+    for key, value in state.items():
+        if key in slots and tuple(slots[key].get().shape) != tuple(value.shape):
+            mismatched.append(f"{key}: file {tuple(value.shape)}, model {tuple(slots[key].get().shape)}")
+    if mismatched and not ignore_mismatched_sizes:
+        raise ValueError(
+            "The adapter's tensors do not fit this model (was it saved with another r, another config or "
+            "another base model?). Size mismatch for " + "; ".join(mismatched[:5])
+            + (f"; and {len(mismatched) - 5} more" if len(mismatched) > 5 else "")
+        )
+    skip = {m.split(":")[0] for m in mismatched}
+    for key, value in state.items():
+        if key in slots and key not in skip:
+            slots[key].set(value)
+    return LoadResult(missing, unexpected)
+
+
+def _normalise_key(key: str) -> str:
+    """Accept keys saved without the ``base_model.model.`` prefix as well."""
+    return key if key.startswith("base_model.") else "base_model.model." + key

@@ -1,0 +1,3 @@
+"""The adapter methods; importing this package registers each of them."""
+
+from . import lora  # noqa: F401

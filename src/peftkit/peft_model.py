@@ -1,0 +1,410 @@
+"""``PeftModel`` and its task subclasses: a thin shell over the engine, with saving and loading.
+
+Nothing here branches on the adapter method. Model-level verbs (``merge_and_unload``,
+``set_adapter``, ...) live on the engine (``self.base_model``) and are reached through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .core.tuner import AdapterModel
+from .io.hub import resolve_file
+from .io.serialization import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_state_dict, save_state_dict
+from .mapping import get_peft_model_state_dict, set_peft_model_state_dict
+from .types import TaskType
+
+_HUB_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only")
+
+
+class PeftModel(nn.Module):
+    """A model with one or more adapters.
+
+    Args:
+        model: the base model (changed in place: its target layers are wrapped).
+        peft_config: the first adapter's config.
+        adapter_name: its name.
+        low_cpu_mem_usage: create the adapter on the meta device, to be filled by loading.
+    """
+
+    # Modules that this task's head needs trained and saved (sequence classification: the head).
+    task_modules_to_save: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        self._add_task_modules(peft_config)
+        self.base_model = AdapterModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        self.special_peft_forward_args = {"adapter_names"}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def _add_task_modules(self, config: PeftConfig) -> None:
+        if not self.task_modules_to_save or not hasattr(config, "modules_to_save"):
+            return
+        current = list(config.modules_to_save or [])
+        config.modules_to_save = current + [m for m in self.task_modules_to_save if m not in current]
+
+    # ------------------------------------------------------------------ views
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def peft_type(self) -> str:
+        return self.peft_config[self.active_adapters[0]].peft_type
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        names = {m for c in self.peft_config.values() for m in (getattr(c, "modules_to_save", None) or [])}
+        return names or None
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), each counted once."""
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            if type(p).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte
+                n *= 2
+            total += n
+            if p.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ calls
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def _call(self, **kwargs: Any) -> Any:
+        """Forward named inputs, leaving out the ones not given (models differ in what they accept)."""
+        extra = kwargs.pop("kwargs", {})
+        return self.base_model(**{k: v for k, v in kwargs.items() if v is not None}, **extra)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new adapter (not made active: call ``set_adapter``)."""
+        self._add_task_modules(peft_config)
+        self.base_model.inject_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside this block the model runs as the base model."""
+        with self.base_model.disable_adapter():
+            yield
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter: ``default`` at the root, any other in ``<dir>/<name>/``.
+
+        Args:
+            save_directory: the folder (created if needed).
+            safe_serialization: safetensors (default) or the legacy ``adapter_model.bin``.
+            selected_adapters: which adapters to write (default: all).
+            is_main_process: write only on the main process of a distributed run.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder.")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self.base_model._check_adapters(names)
+        base = self.get_base_model()
+        for name in names:
+            folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            state = get_peft_model_state_dict(self, adapter_name=name)
+            if not is_main_process:
+                continue
+            os.makedirs(folder, exist_ok=True)
+            save_state_dict(state, folder, safe_serialization=safe_serialization)
+            config = self.peft_config[name]
+            if config.task_type is None and config.auto_mapping is None:
+                config.auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+            config.save_pretrained(folder)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Load an adapter (saved by peftkit or by PEFT) onto ``model``.
+
+        Args:
+            model: the base model.
+            model_id: a folder written by ``save_pretrained``, or a Hub id.
+            adapter_name: the name to give the adapter.
+            is_trainable: keep the adapter trainable; by default it is frozen for inference.
+            config: use this config instead of the folder's ``adapter_config.json``.
+            **kwargs: ``subfolder`` and Hub options (``revision``, ``token``, ``cache_dir``...).
+        """
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        subfolder = kwargs.get("subfolder")
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
+        config.inference_mode = not is_trainable
+        state = _load_adapter_file(model_id, subfolder, hub)
+        target_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, cls) if cls is PeftModel else cls
+        peft_model = target_cls(model, config, adapter_name, low_cpu_mem_usage=True)
+        peft_model._fill(adapter_name, config, state, fresh=True)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Load another adapter into this model under ``adapter_name`` (not made active)."""
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        subfolder = kwargs.get("subfolder")
+        config = kwargs.get("peft_config") or PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
+        config.inference_mode = not is_trainable
+        state = _load_adapter_file(model_id, subfolder, hub)
+        self._add_task_modules(config)
+        self.base_model.inject_adapter(adapter_name, config, low_cpu_mem_usage=True)
+        result = self._fill(adapter_name, config, state, fresh=False)
+        if not is_trainable:
+            self.eval()
+        return result
+
+    def _fill(self, adapter_name: str, config: PeftConfig, state: dict[str, torch.Tensor], fresh: bool) -> Any:
+        """Load tensors into an adapter just created on the meta device.
+
+        If the file lacks some of the adapter's tensors, the adapter is rebuilt with real
+        initial values first, so that no tensor is left on the meta device.
+        """
+        try:
+            result = set_peft_model_state_dict(self, state, adapter_name=adapter_name)
+            if result.missing_keys:
+                warnings.warn(
+                    f"The adapter file has no values for {len(result.missing_keys)} adapter tensors "
+                    f"(e.g. {result.missing_keys[:3]}); they keep their initial values."
+                )
+                self.base_model.delete_adapter(adapter_name)
+                self.base_model.inject_adapter(adapter_name, config)
+                if fresh:
+                    self.base_model.set_adapter(adapter_name)
+                result = set_peft_model_state_dict(self, state, adapter_name=adapter_name)
+        except Exception:
+            if adapter_name in self.peft_config and not fresh:
+                self.base_model.delete_adapter(adapter_name)
+            raise
+        if result.unexpected_keys:
+            warnings.warn(f"Keys in the adapter file that fit nothing in the model: {result.unexpected_keys[:5]}")
+        return result
+
+
+def _load_adapter_file(model_id: str | os.PathLike, subfolder: str | None, hub: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, missing_ok=True, **hub)
+    if path is None:
+        path = resolve_file(model_id, WEIGHTS_NAME, subfolder=subfolder, missing_ok=True, **hub)
+    if path is None:
+        where = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+        raise FileNotFoundError(
+            f"No {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {where}: save the adapter with save_pretrained first."
+        )
+    return load_state_dict(path)
+
+
+class PeftModelForCausalLM(PeftModel):
+    """A causal language model with adapters; ``generate`` works as on the base model."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self._call(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+            kwargs=kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """An encoder-decoder language model (T5, BART) with adapters."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self._call(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict, kwargs=kwargs,
+        )
+
+
+class _ClassifierModel(PeftModel):
+    """Shared forward of the classification-style wrappers (their heads train in full)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self._call(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+            kwargs=kwargs,
+        )
+
+
+class PeftModelForSequenceClassification(_ClassifierModel):
+    """Sequence classification: the ``classifier`` / ``score`` head is added to ``modules_to_save``."""
+
+    task_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(_ClassifierModel):
+    """Token classification: the ``classifier`` / ``score`` head is added to ``modules_to_save``."""
+
+    task_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive question answering: the ``qa_outputs`` head is added to ``modules_to_save``."""
+
+    task_modules_to_save = ("qa_outputs",)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self._call(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, start_positions=start_positions,
+            end_positions=end_positions, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict, kwargs=kwargs,
+        )
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """An encoder used for its hidden states (embeddings)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self._call(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+            kwargs=kwargs,
+        )
+
+
+MODEL_TYPE_TO_PEFT_MODEL: dict[str | None, type[PeftModel]] = {
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}

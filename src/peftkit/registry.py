@@ -1,0 +1,64 @@
+"""The method registry: one place that maps a ``peft_type`` to its config and its code.
+
+Methods register themselves when their module is imported (``peftkit.methods`` imports them
+all), so nothing else in the package branches on the method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .types import PeftType
+
+if TYPE_CHECKING:
+    from .config import PeftConfig
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the engine needs to know about one adapter method.
+
+    Attributes:
+        peft_type: the method's ``PeftType``.
+        config: the config dataclass.
+        layer: the ``AdapterLayer`` subclass for weight-space methods (None for others).
+        prefix: the marker in parameter names that makes a parameter trainable ("lora_").
+        default_targets: model_type -> default ``target_modules`` when the config names none.
+        per_layer: ``(config, module_name) -> kwargs`` for ``create`` (rank and alpha patterns).
+    """
+
+    peft_type: PeftType
+    config: type[PeftConfig]
+    layer: Any = None
+    prefix: str = ""
+    default_targets: dict[str, list[str]] | None = None
+    per_layer: Callable[[Any, str], dict[str, Any]] | None = None
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Make a method known to the engine, to configs and to loading."""
+    _METHODS[str(spec.peft_type)] = spec
+    return spec
+
+
+def get_method(peft_type: str | PeftType) -> MethodSpec:
+    """Look a method up by its ``peft_type``; the error lists the ones that exist."""
+    from . import methods  # noqa: F401  (registers the built-in methods)
+
+    key = str(peft_type.value if isinstance(peft_type, PeftType) else peft_type)
+    try:
+        return _METHODS[key]
+    except KeyError:
+        known = ", ".join(sorted(_METHODS))
+        raise ValueError(f"Unknown peft_type {key!r}: peftkit knows {known}.") from None
+
+
+def known_methods() -> list[str]:
+    from . import methods  # noqa: F401
+
+    return sorted(_METHODS)

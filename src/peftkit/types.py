@@ -1,0 +1,42 @@
+"""String enums shared with the HF PEFT file format.
+
+The values are written to ``adapter_config.json`` and must stay identical to PEFT's.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class PeftType(str, enum.Enum):
+    """The adapter method a config describes (``peft_type`` in ``adapter_config.json``)."""
+
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    LORA = "LORA"
+    BOFT = "BOFT"
+    ADAPTION_PROMPT = "ADAPTION_PROMPT"
+    IA3 = "IA3"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    OFT = "OFT"
+    XLORA = "XLORA"
+    SHIRA = "SHIRA"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TaskType(str, enum.Enum):
+    """The task head a model wrapper serves (``task_type`` in ``adapter_config.json``)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
