@@ -73,9 +73,15 @@ def is_target(config: Any, key: str) -> bool:
     return idx == layers if isinstance(layers, int) else idx in layers
 
 
-def expand_all_linear(model: nn.Module, linear_types: tuple[type, ...]) -> set[str]:
-    """Turn ``"all-linear"`` into the set of linear module suffixes, without the output head."""
-    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, linear_types)}
+def expand_all_linear(modules: list[tuple[str, nn.Module]], model: nn.Module, linear_types: tuple[type, ...]) -> set[str]:
+    """Turn ``"all-linear"`` into the set of linear module suffixes, without the output head.
+
+    Args:
+        modules: (name, module) pairs to consider, with already-wrapped layers given as their base layer.
+        model: the model, asked for its output head.
+        linear_types: the module types that count as linear.
+    """
+    names = {name.rsplit(".", 1)[-1] for name, mod in modules if isinstance(mod, linear_types)}
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     if head is not None:
@@ -93,9 +99,9 @@ def pattern_value(pattern: dict[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-def no_match_error(config: Any, model: nn.Module) -> ValueError:
+def no_match_error(config: Any, modules: list[tuple[str, nn.Module]], model: nn.Module) -> ValueError:
     """An error for a config that selects nothing, naming a few modules that do exist."""
-    leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
+    leaves = [n for n, m in modules if n and (not list(m.children()) or hasattr(m, "base_layer"))]
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in leaves})
     sample = ", ".join(suffixes[:12]) + (", ..." if len(suffixes) > 12 else "")
     return ValueError(

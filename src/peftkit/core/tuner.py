@@ -127,7 +127,8 @@ class AdapterModel(nn.Module):
                 )
             config.target_modules = set(spec.default_targets[model_type])
         elif isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-            config.target_modules = expand_all_linear(self.model, linear_types())
+            modules = [(n, getattr(m, "base_layer", m)) for n, m in top_level_modules(self.model)]
+            config.target_modules = expand_all_linear(modules, self.model, linear_types())
         return config
 
     def inject_adapter(
@@ -144,12 +145,10 @@ class AdapterModel(nn.Module):
                     "is not supported."
                 )
         config = self._prepare_config(config, spec)
-        targets: list[tuple[str, nn.Module]] = []
-        for key, module in top_level_modules(self.model):
-            if key and is_target(config, key):
-                targets.append((key, module))
+        modules = list(top_level_modules(self.model))
+        targets = [(key, module) for key, module in modules if key and is_target(config, key)]
         if not targets:
-            raise no_match_error(config, self.model)
+            raise no_match_error(config, modules, self.model)
         for key, module in targets:
             if isinstance(module, AdapterLayer):
                 if not isinstance(module, spec.layer):
