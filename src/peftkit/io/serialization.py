@@ -18,7 +18,7 @@ SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 def _atomic(path: str, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix="-" + os.path.basename(path), dir=folder)
     os.close(fd)
     try:
         write(tmp)

@@ -1,0 +1,111 @@
+"""Saving and loading: folders, several adapters, legacy .bin, AutoPeftModel, load_adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from torch.testing import assert_close
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+import peftkit
+from peftkit import AutoPeftModel, AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+
+
+def llama(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=64)
+    ).eval()
+
+
+def lora(**kw):
+    kw = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False, "task_type": "CAUSAL_LM", **kw}
+    return LoraConfig(**kw)
+
+
+X = torch.randint(0, 64, (2, 6))
+
+
+def test_several_adapters_and_selected(tmp_path):
+    model = get_peft_model(llama(), lora())
+    model.add_adapter("second", lora(r=2))
+    model.save_pretrained(tmp_path / "all")
+    assert sorted(os.listdir(tmp_path / "all")) == ["adapter_config.json", "adapter_model.safetensors", "second"]
+    with safe_open(tmp_path / "all" / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert all(k.startswith("base_model.model.") and ".default" not in k for k in f.keys())
+    model.save_pretrained(tmp_path / "one", selected_adapters=["second"])
+    assert os.listdir(tmp_path / "one") == ["second"]
+
+    loaded = PeftModel.from_pretrained(llama(), tmp_path / "all")
+    loaded.load_adapter(tmp_path / "all" / "second", adapter_name="second")
+    for name in ("default", "second"):
+        model.set_adapter(name)
+        loaded.set_adapter(name)
+        assert_close(loaded(input_ids=X).logits, model(input_ids=X).logits)
+
+
+def test_legacy_bin_format(tmp_path):
+    model = get_peft_model(llama(), lora())
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert "adapter_model.bin" in os.listdir(tmp_path)
+    loaded = PeftModel.from_pretrained(llama(), tmp_path)
+    assert_close(loaded(input_ids=X).logits, model(input_ids=X).logits)
+
+
+def test_auto_peft_model_loads_base_from_config(tmp_path):
+    base = llama()
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base").eval(), lora())
+    assert model.peft_config["default"].base_model_name_or_path == str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    for auto in (AutoPeftModelForCausalLM, AutoPeftModel):
+        loaded = auto.from_pretrained(tmp_path / "adapter")
+        assert isinstance(loaded, peftkit.PeftModelForCausalLM)
+        assert_close(loaded(input_ids=X).logits, model(input_ids=X).logits)
+
+
+def test_auto_mapping_for_bare_models(tmp_path):
+    base = llama()
+    model = get_peft_model(base.model, LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["task_type"] is None
+    assert raw["auto_mapping"] == {"base_model_class": "LlamaModel", "parent_library": "transformers.models.llama.modeling_llama"}
+
+
+def test_sequence_classification_head_is_saved(tmp_path):
+    def bert(seed):
+        torch.manual_seed(seed)
+        return BertForSequenceClassification(
+            BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       vocab_size=64, num_labels=3)
+        ).eval()
+
+    model = get_peft_model(bert(0), LoraConfig(r=2, task_type="SEQ_CLS", init_lora_weights=False))
+    assert model.peft_config["default"].modules_to_save == ["classifier", "score"]
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(f.keys())
+    fresh = bert(0)
+    torch.nn.init.normal_(fresh.classifier.weight)  # a new, untrained head: the saved one must replace it
+    loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    assert isinstance(loaded, peftkit.PeftModelForSequenceClassification)
+    ids = torch.randint(0, 64, (2, 5))
+    assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_from_pretrained_builds_no_random_tensors(tmp_path, monkeypatch):
+    model = get_peft_model(llama(), lora())
+    model.save_pretrained(tmp_path)
+    calls = []
+    base = llama()
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda *a, **k: calls.append(1))
+    PeftModel.from_pretrained(base, tmp_path)
+    assert calls == []
