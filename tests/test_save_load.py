@@ -106,6 +106,6 @@ def test_from_pretrained_builds_no_random_tensors(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     calls = []
     base = llama()
-    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: calls.append(t.device.type != "meta"))
     PeftModel.from_pretrained(base, tmp_path)
-    assert calls == []
+    assert not any(calls)  # only meta-device placeholders, no real random draws
