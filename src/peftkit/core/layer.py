@@ -59,6 +59,10 @@ class AdapterLayer(nn.Module):
         """The adapter's weight change as an (out, fan_in) tensor, in the adapter's dtype."""
         raise NotImplementedError
 
+    def fused_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Base op and one adapter in one step, when the method has a faster path for it (else None)."""
+        return None
+
     def merge_into(self, adapter: str, w2d: torch.Tensor, sign: float) -> None:
         """Add (sign=1) or remove (sign=-1) the adapter's change to a weight view in place."""
         delta = self.delta_weight(adapter)
@@ -169,9 +173,13 @@ class AdapterLayer(nn.Module):
         names = current_adapter_names()
         if names is not None:
             return self._mixed_forward(x, names, *args, **kwargs)
-        out = self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
-            return out
+            return self.base_layer(x, *args, **kwargs)
+        if len(self.active_adapters) == 1 and not args and not kwargs:
+            fused = self.fused_forward(self.active_adapters[0], x)
+            if fused is not None:
+                return fused
+        out = self.base_layer(x, *args, **kwargs)
         for adapter in self.active_adapters:
             if adapter in self.adapters:
                 out = self.adapt(adapter, x, out)

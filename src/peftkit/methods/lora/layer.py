@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.layer import AdapterLayer
+from ...kernels.lora import lora_linear
 
 
 class LoraLayer(AdapterLayer):
@@ -117,6 +118,32 @@ class LoraLayer(AdapterLayer):
         if not self.lora_bias.get(adapter):
             return None
         return self.lora_B[adapter].bias * self.scaling[adapter]
+
+    def fused_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Training path for plain linear layers: one autograd node for base + adapter."""
+        if not self._fusable or not torch.is_grad_enabled() or adapter not in self.lora_A:
+            return None
+        a_mod, b_mod = self.lora_A[adapter], self.lora_B[adapter]
+        base = self.base_layer
+        w, bias = self.ops.weight2d(base), base.bias
+        if (
+            b_mod.bias is not None
+            or w.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or x.dtype != a_mod.weight.dtype
+            or w.dtype != x.dtype
+            or (self.training and isinstance(self.lora_dropout[adapter], nn.Dropout))
+            or base._forward_hooks
+            or base._forward_pre_hooks
+        ):
+            return None
+        return lora_linear(x, w, bias, a_mod.weight, b_mod.weight, self.scaling[adapter])
+
+    @property
+    def _fusable(self) -> bool:
+        """Only the stock layers: a subclass (quantized, hooked) keeps its own forward."""
+        base = self.base_layer
+        return self.ops.kind == "linear" and (type(base) is nn.Linear or (self.ops.transposed and type(base).__name__ == "Conv1D"))
 
     def adapt(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         scale = self.scaling[adapter]

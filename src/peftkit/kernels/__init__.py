@@ -1,0 +1,1 @@
+"""Fused tensor routines; each has a plain-torch definition it must match (see tests/kernels)."""

@@ -1,0 +1,61 @@
+"""A LoRA linear layer as one autograd node: ``y = x Wᵀ + b + s · (x Aᵀ) Bᵀ``.
+
+Autograd over the unfused graph runs the base linear, the two thin products, a scale and an
+add, and in backward adds the base and adapter input-gradients in a separate pass. Here the
+adapter is folded into the base output with one ``addmm_`` and, in backward, into the base
+input-gradient with another, so no full-size tensor is written twice. It saves the same
+tensors autograd would (the input, shared with the base layer, and the thin ``x Aᵀ``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale):  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        out = F.linear(x2, weight, bias)  # (N, out)
+        h = x2 @ a.t()  # (N, r)
+        out.addmm_(h, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, weight, a, b, h)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x2, weight, a, b, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        gh = torch.mm(g, b).mul_(ctx.scale)  # (N, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, weight).addmm_(gh, a).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = gh.t() @ x2
+        if ctx.needs_input_grad[4]:
+            grad_b = torch.mm(g.t(), h).mul_(ctx.scale)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def lora_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + scale · F.linear(F.linear(x, a), b)`` for a frozen ``weight`` and ``bias``.
+
+    Args:
+        x: input (..., in).
+        weight: the frozen base weight (out, in) (a transposed view is fine).
+        bias: the frozen base bias (out,) or None.
+        a: LoRA A (r, in).
+        b: LoRA B (out, r).
+        scale: ``lora_alpha / r``.
+    """
+    return _LoraLinear.apply(x, weight, bias, a, b, scale)
+
+
+def lora_linear_reference(x, weight, bias, a, b, scale):
+    """The definition ``lora_linear`` must match."""
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, a), b)
