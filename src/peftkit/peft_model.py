@@ -143,6 +143,7 @@ class PeftModel(nn.Module):
         safe_serialization: bool = True,
         selected_adapters: Sequence[str] | None = None,
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter: ``default`` at the root, any other in ``<dir>/<name>/``.
@@ -152,6 +153,10 @@ class PeftModel(nn.Module):
             safe_serialization: safetensors (default) or the legacy ``adapter_model.bin``.
             selected_adapters: which adapters to write (default: all).
             is_main_process: write only on the main process of a distributed run.
+            path_initial_model_for_weight_conversion: for adapters whose init changed the base
+                weights (PiSSA, OLoRA): the folder where the untrained adapter was saved right
+                after ``get_peft_model``. The adapter is then written as a plain adapter for the
+                *original* base model (for LoRA: rank 2r), loadable anywhere, merged or not.
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder.")
@@ -163,11 +168,13 @@ class PeftModel(nn.Module):
             state = get_peft_model_state_dict(self, adapter_name=name)
             if not is_main_process:
                 continue
-            os.makedirs(folder, exist_ok=True)
-            save_state_dict(state, folder, safe_serialization=safe_serialization)
             config = self.peft_config[name]
             if config.task_type is None and config.auto_mapping is None:
                 config.auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+            if path_initial_model_for_weight_conversion is not None:
+                config, state = _convert_initial(config, state, path_initial_model_for_weight_conversion)
+            os.makedirs(folder, exist_ok=True)
+            save_state_dict(state, folder, safe_serialization=safe_serialization)
             config.save_pretrained(folder)
 
     # ------------------------------------------------------------------ loading
@@ -252,6 +259,15 @@ class PeftModel(nn.Module):
         if result.unexpected_keys:
             warnings.warn(f"Keys in the adapter file that fit nothing in the model: {result.unexpected_keys[:5]}")
         return result
+
+
+def _convert_initial(config: PeftConfig, state: dict[str, torch.Tensor], path: str | os.PathLike) -> tuple:
+    from .registry import get_method
+
+    spec = get_method(config.peft_type)
+    if spec.convert_initial is None:
+        raise ValueError(f"{config.peft_type} adapters do not change the base weights: there is nothing to convert.")
+    return spec.convert_initial(config, state, _load_adapter_file(path, None, {}))
 
 
 def _load_adapter_file(model_id: str | os.PathLike, subfolder: str | None, hub: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -27,6 +27,10 @@ class MethodSpec:
         prefix: the marker in parameter names that makes a parameter trainable ("lora_").
         default_targets: model_type -> default ``target_modules`` when the config names none.
         per_layer: ``(config, module_name) -> kwargs`` for ``create`` (rank and alpha patterns).
+        weighted: ``(adapter_model, adapters, weights, adapter_name, **options)``: builds a new
+            adapter from a weighted combination of existing ones (``add_weighted_adapter``).
+        convert_initial: ``(config, state, initial_state) -> (config, state)``: rewrites an adapter
+            whose init changed the base weights into one for the original base model.
     """
 
     peft_type: PeftType
@@ -35,6 +39,8 @@ class MethodSpec:
     prefix: str = ""
     default_targets: dict[str, list[str]] | None = None
     per_layer: Callable[[Any, str], dict[str, Any]] | None = None
+    weighted: Callable[..., None] | None = None
+    convert_initial: Callable[..., tuple[Any, dict]] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

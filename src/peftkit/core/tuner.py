@@ -269,6 +269,18 @@ class AdapterModel(nn.Module):
         else:
             self.active_adapter = []
 
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str, **options: Any) -> None:
+        """Build ``adapter_name`` as a weighted combination of existing adapters (method-specific options)."""
+        self._check_adapters(adapters)
+        if len(weights) != len(adapters):
+            raise ValueError(f"Got {len(weights)} weights for {len(adapters)} adapters.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists: pick another name.")
+        spec = get_method(self.peft_config[adapters[0]].peft_type)
+        if spec.weighted is None:
+            raise NotImplementedError(f"add_weighted_adapter is not available for {spec.peft_type} adapters.")
+        spec.weighted(self, list(adapters), list(weights), adapter_name, **options)
+
     def _set_enabled(self, enabled: bool) -> None:
         for _, module in self._wrappers():
             module.enable_adapters(enabled)

@@ -8,6 +8,7 @@ from ...core.targeting import pattern_value
 from ...registry import MethodSpec, register_method
 from ...types import PeftType
 from .config import LoraConfig
+from .init import convert_to_plain_lora
 from .layer import LoraLayer
 
 # model_type -> the attention projections LoRA adapts when target_modules is None.
@@ -44,6 +45,7 @@ register_method(
         prefix="lora_",
         default_targets=DEFAULT_TARGETS,
         per_layer=_per_layer,
+        convert_initial=convert_to_plain_lora,
     )
 )
 

@@ -7,11 +7,11 @@ from typing import Any
 
 from ...config import PeftConfig
 from ...types import PeftType
+from .init import parse_pissa
 
-_INIT_CHOICES = (True, False, "gaussian")
+_INIT_CHOICES = (True, False, "gaussian", "olora")
 # Fields PEFT knows that peftkit does not implement yet: their defaults, and what they are.
 _UNSUPPORTED = {
-    "use_dora": (False, "DoRA"),
     "use_qalora": (False, "QA-LoRA"),
     "layer_replication": (None, "layer replication"),
     "megatron_config": (None, "Megatron parallel layers"),
@@ -45,12 +45,16 @@ class LoraConfig(PeftConfig):
         use_rslora: scale by ``lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
         modules_to_save: extra modules trained in full and saved with the adapter.
         init_lora_weights: True (A Kaiming-uniform, B zero: starts as the base model),
-            "gaussian" (A normal with std 1/r), or False (random A and B: for tests only).
+            "gaussian" (A normal with std 1/r), False (random A and B: for tests only),
+            "pissa" / "pissa_niter_K" (principal singular vectors, exact or randomized SVD) or
+            "olora" (QR): these two move the top-r part of W into the adapter and leave the
+            residual in the base layer; see ``save_pretrained(path_initial_model_for_weight_conversion=...)``.
         layers_to_transform: layer indices to adapt (list targets only).
         layers_pattern: the name of the layer list (``"layers"``, ``"h"``) before the index.
         rank_pattern: module-name regex -> rank, overriding ``r``; first match wins.
         alpha_pattern: module-name regex -> alpha, overriding ``lora_alpha``; first match wins.
         lora_bias: give B a bias (trained, saved, merged into the base bias).
+        use_dora: weight-decomposed LoRA (DoRA): a trained magnitude per output channel.
         megatron_core, loftq_config, qalora_group_size, ensure_weight_tying and the fields
             listed in ``_UNSUPPORTED``: PEFT fields kept so configs round-trip; peftkit raises
             a clear error if one is set to a value it does not implement.
@@ -102,10 +106,14 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
-        if self.init_lora_weights not in _INIT_CHOICES:
+        init = self.init_lora_weights
+        if init not in _INIT_CHOICES and not (isinstance(init, str) and init.startswith("pissa")):
             raise ValueError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported: use True, False or 'gaussian'."
+                f"init_lora_weights={init!r} is not supported: use True, False, 'gaussian', 'pissa', "
+                "'pissa_niter_<K>' or 'olora'."
             )
+        if isinstance(init, str) and init.startswith("pissa"):
+            parse_pissa(init)
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise ValueError(
                 "layers_to_transform / layers_pattern work with a list of target_modules, not a regex string: "

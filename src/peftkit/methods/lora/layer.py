@@ -12,14 +12,16 @@ from torch import nn
 
 from ...core.layer import AdapterLayer
 from ...kernels.lora import lora_linear
+from .dora import Magnitude, channel_view, row_norm_of_sum
+from .init import olora, parse_pissa, pissa
 
 
 class LoraLayer(AdapterLayer):
     """LoRA on a Linear, transformers Conv1D, Embedding or Conv1d/2d/3d base layer."""
 
     prefix = "lora_"
-    adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-    other_attrs = ("lora_dropout", "r", "lora_alpha", "scaling", "lora_bias")
+    adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_attrs = ("lora_dropout", "r", "lora_alpha", "scaling", "lora_bias", "use_dora", "_dora_merge_norm")
 
     def __init__(self, base_layer: nn.Module, ops: Any = None) -> None:
         super().__init__(base_layer, ops)
@@ -30,6 +32,9 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.use_dora: dict[str, bool] = {}
+        self._dora_merge_norm: dict[str, torch.Tensor] = {}  # the norm at merge time, for an exact unmerge
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -46,6 +51,10 @@ class LoraLayer(AdapterLayer):
         if config.lora_bias and getattr(base, "bias", None) is None:
             warnings.warn(f"lora_bias=True on a {type(base).__name__} without bias: this adapter will not merge.")
         device = device if device is not None else base.weight.device
+        if _changes_base(config.init_lora_weights):
+            # PiSSA/OLoRA derive the residual base weight from the original one, also when loading
+            # (as PEFT does), so they are never created on the meta device.
+            device = base.weight.device
         dtype = self.adapter_dtype()
         fk = {"device": device, "dtype": dtype}
         if kind == "embedding":
@@ -68,8 +77,26 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha[adapter] = alpha
         self.scaling[adapter] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         self.lora_bias[adapter] = bool(config.lora_bias)
-        if torch.device(device).type != "meta":
+        self.use_dora[adapter] = bool(config.use_dora)
+        meta = torch.device(device).type == "meta"
+        if not meta:
             self.reset_parameters(adapter, config.init_lora_weights)
+        if config.use_dora:
+            if meta:
+                shape = (1, self.out_features, *([1] * self.ops.conv_dim)) if kind == "conv" else (self.out_features,)
+                magnitude = torch.empty(shape, device=device, dtype=dtype)
+            else:
+                a, b = self._factors(adapter)
+                w2d = self._weight2d().detach()
+                magnitude = row_norm_of_sum(w2d.float().pow(2).sum(1), w2d, a, b, self.scaling[adapter])
+            if kind == "conv":  # PEFT keeps a conv magnitude as (1, out, 1, ...)
+                magnitude = magnitude.view(1, -1, *([1] * self.ops.conv_dim))
+            self.lora_magnitude_vector[adapter] = Magnitude(magnitude)
+
+    def checkpoint_name(self, attr: str, sub: str | None = None) -> str:
+        if attr == "lora_magnitude_vector":  # saved as a bare tensor, as PEFT does
+            return attr
+        return super().checkpoint_name(attr, sub)
 
     @torch.no_grad()
     def reset_parameters(self, adapter: str, init: bool | str) -> None:
@@ -82,6 +109,14 @@ class LoraLayer(AdapterLayer):
                 a.zero_(), b.normal_()
             return
         a, b = self.lora_A[adapter], self.lora_B[adapter]
+        if _changes_base(init):
+            w2d = self._weight2d()
+            r, scale = self.r[adapter], self.scaling[adapter]
+            fa, fb = olora(w2d, r) if init == "olora" else pissa(w2d, r, scale, parse_pissa(init))
+            a.weight.copy_(fa.view_as(a.weight))
+            b.weight.copy_(fb.view_as(b.weight))
+            w2d.sub_((fb @ fa).mul_(scale).to(w2d.dtype))  # the residual stays in the base layer
+            return
         if init == "gaussian":
             nn.init.normal_(a.weight, std=1 / self.r[adapter])
         else:
@@ -109,10 +144,25 @@ class LoraLayer(AdapterLayer):
 
     def merge_into(self, adapter: str, w2d: torch.Tensor, sign: float) -> None:
         a, b = self._factors(adapter)
+        if self.use_dora.get(adapter):
+            self._merge_dora(adapter, w2d, a, b, sign)
+            return
         if a.dtype == w2d.dtype:
             w2d.addmm_(b, a, alpha=sign * self.scaling[adapter])  # no (out, in) temporary
         else:
             w2d.add_(((b @ a) * self.scaling[adapter]).to(w2d.dtype), alpha=sign)
+
+    def _merge_dora(self, adapter: str, w2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sign: float) -> None:
+        """W ← (m / ‖W + ΔW‖) ⊙ (W + ΔW); the unmerge divides by the factor used here."""
+        delta = ((b @ a) * self.scaling[adapter]).to(w2d.dtype)
+        magnitude = self.lora_magnitude_vector[adapter].weight.view(-1)
+        if sign > 0:
+            norm = torch.linalg.vector_norm(w2d + delta, dim=1).to(magnitude.dtype)
+            self._dora_merge_norm[adapter] = norm
+            w2d.add_(delta).mul_((magnitude / norm).to(w2d.dtype)[:, None])
+        else:
+            norm = self._dora_merge_norm.pop(adapter)
+            w2d.div_((magnitude / norm).to(w2d.dtype)[:, None]).sub_(delta)
 
     def bias_delta(self, adapter: str) -> torch.Tensor | None:
         if not self.lora_bias.get(adapter):
@@ -121,7 +171,7 @@ class LoraLayer(AdapterLayer):
 
     def fused_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
         """Training path for plain linear layers: one autograd node for base + adapter."""
-        if not self._fusable or not torch.is_grad_enabled() or adapter not in self.lora_A:
+        if not self._fusable or not torch.is_grad_enabled() or adapter not in self.lora_A or self.use_dora[adapter]:
             return None
         a_mod, b_mod = self.lora_A[adapter], self.lora_B[adapter]
         base = self.base_layer
@@ -146,23 +196,70 @@ class LoraLayer(AdapterLayer):
         return self.ops.kind == "linear" and (type(base) is nn.Linear or (self.ops.transposed and type(base).__name__ == "Conv1D"))
 
     def adapt(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.use_dora.get(adapter):
+            return self._adapt_dora(adapter, x, out)
         scale = self.scaling[adapter]
         kind = self.ops.kind
         if kind == "embedding":
-            base = self.base_layer
-            a, b = self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
-            h = F.embedding(x, a.t(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-            return _add_scaled(out, h, b, None, scale)
-        drop = self.lora_dropout[adapter]
+            return _add_scaled(out, self._embed_a(adapter, x), self.lora_embedding_B[adapter], None, scale)
         a_mod, b_mod = self.lora_A[adapter], self.lora_B[adapter]
-        if x.dtype != a_mod.weight.dtype:
-            x = x.to(a_mod.weight.dtype)
-        if self.training and isinstance(drop, nn.Dropout):
-            x = drop(x)
+        x = self._adapter_input(adapter, x)
         if kind == "conv":
             return out + (b_mod(a_mod(x)) * scale).to(out.dtype)
         h = F.linear(x, a_mod.weight)  # (..., r)
         return _add_scaled(out, h, b_mod.weight, b_mod.bias, scale)
+
+    def _adapter_input(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """The input in the adapter's dtype, with the adapter's dropout in training."""
+        dtype = (self.lora_A[adapter].weight if adapter in self.lora_A else self.lora_embedding_A[adapter]).dtype
+        if x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)
+        drop = self.lora_dropout[adapter]
+        return drop(x) if self.training and isinstance(drop, nn.Dropout) else x
+
+    def _embed_a(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        base, a = self.base_layer, self.lora_embedding_A[adapter]
+        return F.embedding(x, a.t(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+    def _adapt_dora(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out = b + (m/n) ⊙ (y − b + s·BAx)``; with dropout in training the adapter sees the dropped input."""
+        scale = self.scaling[adapter]
+        a, b = self._factors(adapter)
+        mag = self.lora_magnitude_vector[adapter]
+        factor = mag.weight.view(-1) / mag.direction_norm(self._weight2d(), a, b, scale)  # (out,)
+        f = channel_view(factor, out, 1 if self.ops.kind == "conv" else -1)
+        bias = getattr(self.base_layer, "bias", None)
+        bias = None if bias is None else channel_view(bias, out, 1 if self.ops.kind == "conv" else -1)
+        if self.ops.kind == "embedding":
+            return _add_scaled(out, self._embed_a(adapter, x), b, None, scale) * f
+        xa = self._adapter_input(adapter, x)
+        if xa is not x and xa.dtype == x.dtype:
+            # dropout in training: the rescaled base term uses the dropped input (PEFT's formulation)
+            lora = self.adapt_lora_only(adapter, xa)
+            return out + ((f - 1) * self._base_no_bias(xa) + f * lora).to(out.dtype)
+        if self.ops.kind == "conv":
+            t = out + (self.lora_B[adapter](self.lora_A[adapter](xa)) * scale).to(out.dtype)
+        else:
+            b_mod = self.lora_B[adapter]
+            t = _add_scaled(out, F.linear(xa, self.lora_A[adapter].weight), b_mod.weight, b_mod.bias, scale)
+        f = f.to(t.dtype)
+        return t * f if bias is None else torch.addcmul(bias, t - bias, f)  # b + f ⊙ (y − b + l)
+
+    def adapt_lora_only(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """``s·B A x`` alone, in the output layout."""
+        a_mod, b_mod = self.lora_A[adapter], self.lora_B[adapter]
+        return b_mod(a_mod(x)) * self.scaling[adapter]
+
+    def _base_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.ops.kind == "conv":
+            conv = getattr(F, f"conv{self.ops.conv_dim}d")
+            return conv(x, base.weight, None, base.stride, base.padding, base.dilation, base.groups)
+        return F.linear(x, self._weight2d())
+
+
+def _changes_base(init: Any) -> bool:
+    return isinstance(init, str) and (init == "olora" or init.startswith("pissa"))
 
 
 def _add_scaled(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
