@@ -49,6 +49,7 @@ class PeftModel(nn.Module):
         super().__init__()
         self._add_task_modules(peft_config)
         self.base_model = AdapterModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        self.training = model.training
         self.special_peft_forward_args = {"adapter_names"}
 
     def __getattr__(self, name: str) -> Any:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..config import PeftConfig
 from ..registry import MethodSpec, get_method
 from .base_ops import is_transformers_conv1d, linear_types, ops_for
-from .context import forward_options
+from .context import BASE_ADAPTER, forward_options
 from .layer import AdapterLayer
 from .targeting import ALL_LINEAR, _matches_list, expand_all_linear, is_target, no_match_error
 from .wrappers import ModulesToSaveWrapper
@@ -59,6 +59,7 @@ class AdapterModel(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
+        self.training = model.training  # follow the wrapped model's mode
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
         self.inject_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
@@ -74,12 +75,30 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------------ calls
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None:
+            self._check_mixed_batch(adapter_names, args[0] if args else kwargs.get("input_ids"))
         with forward_options(adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None:
+            self._check_mixed_batch(adapter_names, args[0] if args else kwargs.get("input_ids"))
         with forward_options(self._expand_names(adapter_names, kwargs)):
             return self.model.generate(*args, **kwargs)
+
+    def _check_mixed_batch(self, names: Sequence[str], inputs: Any) -> None:
+        """Per-sample adapters: eval mode, known names, nothing merged, one name per sample."""
+        if isinstance(names, str):
+            raise TypeError("adapter_names takes one adapter name per sample (a list), not a string.")
+        if self.model.training:
+            raise ValueError("adapter_names works in eval mode only: call model.eval() first.")
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown} in adapter_names; this model has {list(self.peft_config)}.")
+        if any(layer.merged for _, layer in self.adapter_layers()):
+            raise ValueError("adapter_names cannot be used while adapters are merged: call unmerge_adapter() first.")
+        if isinstance(inputs, torch.Tensor) and inputs.dim() > 0 and inputs.shape[0] != len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {inputs.shape[0]}.")
 
     @staticmethod
     def _expand_names(names: Sequence[str] | None, kwargs: dict[str, Any]) -> Sequence[str] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -208,6 +209,54 @@ class LoraLayer(AdapterLayer):
             return out + (b_mod(a_mod(x)) * scale).to(out.dtype)
         h = F.linear(x, a_mod.weight)  # (..., r)
         return _add_scaled(out, h, b_mod.weight, b_mod.bias, scale)
+
+    def mixed_adapt(self, names: Sequence[str], x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample adapters as two batched products over gathered factors, not a loop over adapters.
+
+        Adapters of different ranks are zero-padded to the largest; slot 0 is all zeros (the
+        base model). DoRA and convolutions take the engine's grouped path instead.
+        """
+        present = [n for n in dict.fromkeys(names) if n in self.adapters]
+        if not present:
+            return out
+        if self.ops.kind == "conv" or any(self.use_dora.get(n) for n in present):
+            return None
+        a, b, bias = self._stacked(tuple(present))  # (k+1, R, in), (k+1, out, R), (k+1, out) | None
+        slot = {n: i + 1 for i, n in enumerate(present)}
+        idx = torch.tensor([slot.get(n, 0) for n in names], device=x.device)
+        n = x.shape[0]
+        if self.ops.kind == "embedding":
+            h = a.transpose(1, 2)[idx.view(n, *([1] * (x.dim() - 1))).expand_as(x), x]  # (n, ..., R)
+            h = h.reshape(n, -1, h.shape[-1])
+        else:
+            h = torch.bmm(x.to(a.dtype).reshape(n, -1, x.shape[-1]), a[idx].transpose(1, 2))  # (n, T, R)
+        delta = torch.bmm(h, b[idx].transpose(1, 2))  # (n, T, out)
+        if bias is not None:
+            delta = delta + bias[idx][:, None, :]
+        return out + delta.view(out.shape).to(out.dtype)
+
+    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The factors of ``names`` stacked behind a zero slot, B pre-scaled; cached while unchanged."""
+        factors = [self._factors(n) for n in names]
+        key = (names, tuple((a._version, b._version, a.data_ptr(), b.data_ptr()) for a, b in factors))
+        cached = getattr(self, "_stack_cache", None)
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1]
+        r_max = max(a.shape[0] for a, _ in factors)
+        a0, b0 = factors[0]
+        a_st = a0.new_zeros(len(names) + 1, r_max, a0.shape[1])
+        b_st = b0.new_zeros(len(names) + 1, b0.shape[0], r_max)
+        biases = [self.lora_B[n].bias if n in self.lora_B and self.lora_B[n].bias is not None else None for n in names]
+        bias_st = b0.new_zeros(len(names) + 1, b0.shape[0]) if any(v is not None for v in biases) else None
+        for i, (name, (a, b)) in enumerate(zip(names, factors), start=1):
+            a_st[i, : a.shape[0]] = a
+            b_st[i, :, : b.shape[1]] = b * self.scaling[name]
+            if bias_st is not None and biases[i - 1] is not None:
+                bias_st[i] = biases[i - 1] * self.scaling[name]
+        result = (a_st, b_st, bias_st)
+        if not torch.is_grad_enabled():
+            self._stack_cache = (key, result)
+        return result
 
     def _adapter_input(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """The input in the adapter's dtype, with the adapter's dropout in training."""
