@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import namedtuple
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .core.tuner import AdapterModel
-from .io.keys import adapter_key_map
+from .io.keys import adapter_key_map, embedding_is_targeted, embedding_slots
 
 if TYPE_CHECKING:
     from .peft_model import PeftModel
@@ -72,7 +73,11 @@ def _tuner(model: nn.Module) -> AdapterModel:
 
 
 def get_peft_model_state_dict(
-    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = "default", **_: Any
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | str = "auto",
 ) -> dict[str, torch.Tensor]:
     """The tensors of one adapter under their checkpoint keys (``base_model.model.<path>.<param>``).
 
@@ -80,11 +85,24 @@ def get_peft_model_state_dict(
         model: the ``PeftModel``.
         state_dict: take tensors from this full state dict (e.g. one gathered from shards) instead of the model.
         adapter_name: which adapter.
+        unwrap_compiled: accepted for PEFT's signature (a compiled wrapper is always unwrapped).
+        save_embedding_layers: also save the base token embedding / output head: True, False, or
+            "auto" (when the adapter targets them, or the vocabulary was resized).
     """
+    model = getattr(model, "_orig_mod", model)
     tuner = _tuner(model)
     if adapter_name not in tuner.peft_config:
         raise ValueError(f"Unknown adapter {adapter_name!r}: this model has {list(tuner.peft_config)}.")
     slots = adapter_key_map(tuner, adapter_name)
+    config = tuner.peft_config[adapter_name]
+    targeted = embedding_is_targeted(tuner, config)
+    if save_embedding_layers == "auto":
+        save_embedding_layers = targeted or _vocab_resized(tuner.model, config)
+        if save_embedding_layers:
+            warnings.warn("Saving the base embedding layers with the adapter (they are targeted or were resized).")
+    if save_embedding_layers:
+        for key, slot in embedding_slots(tuner, targeted).items():
+            slots.setdefault(key, slot)
     if state_dict is not None:
         return {k: state_dict[s.mem_key] for k, s in slots.items()}
     return {k: s.get().detach() for k, s in slots.items()}
@@ -106,6 +124,10 @@ def set_peft_model_state_dict(
     tuner = _tuner(model)
     slots = adapter_key_map(tuner, adapter_name)
     state = {_normalise_key(k): v for k, v in peft_model_state_dict.items()}
+    for targeted in (True, False):  # base embeddings saved with the adapter are loaded when present
+        for key, slot in embedding_slots(tuner, targeted).items():
+            if key in state:
+                slots.setdefault(key, slot)
     unexpected = [k for k in state if k not in slots]
     missing = [s.mem_key for k, s in slots.items() if k not in state]
     mismatched = []
@@ -123,6 +145,21 @@ def set_peft_model_state_dict(
         if key in slots and key not in skip:
             slots[key].set(value)
     return LoadResult(missing, unexpected)
+
+
+def _vocab_resized(model: nn.Module, config: PeftConfig) -> bool:
+    """True when the model's vocabulary differs from its base's (read from a local config.json only)."""
+    import json
+    import os
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    base = getattr(config, "base_model_name_or_path", None)
+    path = os.path.join(base, "config.json") if base else None
+    if not vocab or not path or not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as fh:
+        base_vocab = json.load(fh).get("vocab_size")
+    return base_vocab is not None and base_vocab != vocab
 
 
 def _normalise_key(key: str) -> str:

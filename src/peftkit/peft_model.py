@@ -145,6 +145,7 @@ class PeftModel(nn.Module):
         selected_adapters: Sequence[str] | None = None,
         is_main_process: bool = True,
         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+        save_embedding_layers: bool | str = "auto",
         **kwargs: Any,
     ) -> None:
         """Write each adapter: ``default`` at the root, any other in ``<dir>/<name>/``.
@@ -154,6 +155,8 @@ class PeftModel(nn.Module):
             safe_serialization: safetensors (default) or the legacy ``adapter_model.bin``.
             selected_adapters: which adapters to write (default: all).
             is_main_process: write only on the main process of a distributed run.
+            save_embedding_layers: also save the base token embedding and output head (True/False,
+                or "auto": when the adapter targets them or the vocabulary was resized).
             path_initial_model_for_weight_conversion: for adapters whose init changed the base
                 weights (PiSSA, OLoRA): the folder where the untrained adapter was saved right
                 after ``get_peft_model``. The adapter is then written as a plain adapter for the
@@ -166,7 +169,9 @@ class PeftModel(nn.Module):
         base = self.get_base_model()
         for name in names:
             folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
-            state = get_peft_model_state_dict(self, adapter_name=name)
+            state = get_peft_model_state_dict(
+                self, state_dict=kwargs.get("state_dict"), adapter_name=name, save_embedding_layers=save_embedding_layers
+            )
             if not is_main_process:
                 continue
             config = self.peft_config[name]
@@ -254,8 +259,11 @@ class PeftModel(nn.Module):
                     self.base_model.set_adapter(adapter_name)
                 result = set_peft_model_state_dict(self, state, adapter_name=adapter_name)
         except Exception:
-            if adapter_name in self.peft_config and not fresh:
+            # leave the model as it was: drop the half-built adapter (and, for a fresh model, every trace)
+            if adapter_name in self.peft_config:
                 self.base_model.delete_adapter(adapter_name)
+            if fresh and hasattr(self.base_model.model, "peft_config"):
+                del self.base_model.model.peft_config
             raise
         if result.unexpected_keys:
             warnings.warn(f"Keys in the adapter file that fit nothing in the model: {result.unexpected_keys[:5]}")

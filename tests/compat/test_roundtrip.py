@@ -17,8 +17,10 @@ from _helpers import (
     build,
     inputs,
     load,
+    lora_config,
     lora_ranks,
     make_peft_model,
+    perturb_trainable,
     run,
     save,
 )
@@ -96,7 +98,7 @@ def _files(root) -> set[str]:
 
 
 @pytest.mark.parametrize("src,dst", DIRECTIONS, ids=DIRECTION_IDS)
-@pytest.mark.parametrize("name", ["llama", "bert", "custom"])
+@pytest.mark.parametrize("name", ["llama", "bert"])
 def test_several_adapters_round_trip(src, dst, name, tmp_path):
     model = make_peft_model(src, name)
     add_adapter(model, src, name, "other", adapter_seed=2, r=2, lora_alpha=3)
@@ -162,7 +164,7 @@ def test_lora_bias_round_trip(src, dst, name, tmp_path):
 
 
 @pytest.mark.parametrize("src,dst", DIRECTIONS, ids=DIRECTION_IDS)
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ["llama", "t5", "custom"])
 def test_rslora_outputs_equal(src, dst, name, tmp_path):
     model = make_peft_model(src, name, use_rslora=True, r=4, lora_alpha=8)
     assert {s for _, s in lora_ranks(model).values()} == {8 / 2}  # alpha / sqrt(r)
@@ -174,15 +176,14 @@ def test_rslora_outputs_equal(src, dst, name, tmp_path):
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_same_weights_same_outputs_in_memory(name):
-    """Without files: the same adapter tensors give the same forward in both libraries (rslora too)."""
-    for rs in (False, True):
-        a = make_peft_model("peft", name, use_rslora=rs)
-        b = make_peft_model("peftkit", name, use_rslora=rs)
-        sa = {k: v for k, v in a.state_dict().items()}
-        with torch.no_grad():
-            for k, v in b.state_dict().items():
-                v.copy_(sa[k])
-        torch.testing.assert_close(run(b, name), run(a, name))
+    """Without files: the same adapter tensors (copied by in-memory name) give the same forward."""
+    a = make_peft_model("peft", name, use_rslora=True, rank_pattern={"v": 2, "v_proj": 2, "value": 2, "emb": 2})
+    b = make_peft_model("peftkit", name, use_rslora=True, rank_pattern={"v": 2, "v_proj": 2, "value": 2, "emb": 2})
+    sa = dict(a.state_dict())
+    with torch.no_grad():
+        for k, v in b.state_dict().items():
+            v.copy_(sa[k])
+    torch.testing.assert_close(run(b, name), run(a, name))
 
 
 @pytest.mark.parametrize("src,dst", DIRECTIONS, ids=DIRECTION_IDS)
@@ -240,3 +241,147 @@ def test_greedy_generate_equal(src, dst, name, tmp_path):
     assert new == 8
     assert torch.equal(b, a)
     assert not torch.equal(a, base)  # the adapter changes what is generated
+
+
+# ----------------------------------------------------------------------------- more configs, both ways
+VARIANTS = [
+    ("llama", {"target_modules": "all-linear"}),
+    ("gpt2", {"target_modules": "all-linear"}),
+    ("bert", {"target_modules": "all-linear"}),
+    ("t5", {"target_modules": "all-linear"}),
+    ("llama", {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [1], "layers_pattern": "layers"}),
+    ("t5", {"target_modules": ["q", "wo"], "layers_to_transform": [0]}),
+    ("llama", {"target_modules": "all-linear", "exclude_modules": r".*\.mlp\..*"}),
+    ("llama", {"target_modules": r"model\.layers\.\d+\.self_attn\.(k|o)_proj"}),
+    ("bert", {"modules_to_save": ["pooler"]}),
+    ("t5", {"modules_to_save": ["final_layer_norm"]}),
+    ("gpt2", {"modules_to_save": ["ln_f"], "target_modules": None}),
+    ("llama", {"target_modules": None, "lora_dropout": 0.1}),
+]
+
+
+@pytest.mark.parametrize("src,dst", DIRECTIONS, ids=DIRECTION_IDS)
+@pytest.mark.parametrize("name,overrides", [pytest.param(n, kw, id=f"{n}-{i}") for i, (n, kw) in enumerate(VARIANTS)])
+def test_config_variants_round_trip(src, dst, name, overrides, tmp_path):
+    model = make_peft_model(src, name, **overrides)
+    save(model, str(tmp_path / "ad"))
+    loaded = load(dst, name, str(tmp_path / "ad"))
+    assert lora_ranks(loaded) == lora_ranks(model)
+    torch.testing.assert_close(run(loaded, name), run(model, name))
+
+
+@pytest.mark.parametrize("src,dst", DIRECTIONS, ids=DIRECTION_IDS)
+def test_mixed_adapter_batch_equal(src, dst, tmp_path):
+    """forward(adapter_names=[...]): each sample runs with its own adapter, the same in both libraries."""
+    model = make_peft_model(src, "bert")
+    add_adapter(model, src, "bert", "other", adapter_seed=2, r=2)
+    model.set_adapter("default")
+    save(model, str(tmp_path / "ad"))
+    loaded = load(dst, "bert", str(tmp_path / "ad"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded.load_adapter(str(tmp_path / "ad" / "other"), adapter_name="other")
+    x = inputs("bert")
+    names = ["other", "__base__"]
+    with torch.no_grad():
+        a = model(**x, adapter_names=names).logits
+        b = loaded(**x, adapter_names=names).logits
+        base = build("bert")(**x).logits
+    torch.testing.assert_close(b, a)
+    torch.testing.assert_close(b[1], base[1])
+
+
+@pytest.mark.parametrize("src,dst", DIRECTIONS, ids=DIRECTION_IDS)
+def test_disable_adapter_gives_base_output(src, dst, tmp_path):
+    model = make_peft_model(src, "bert")
+    save(model, str(tmp_path / "ad"))
+    loaded = load(dst, "bert", str(tmp_path / "ad"))
+    with loaded.disable_adapter():
+        out = run(loaded, "bert")
+    torch.testing.assert_close(out, run(build("bert"), "bert"))
+    torch.testing.assert_close(run(loaded, "bert"), run(model, "bert"))
+
+
+@pytest.mark.parametrize("src,dst", DIRECTIONS, ids=DIRECTION_IDS)
+def test_is_trainable_same_trainable_parameters(src, dst, tmp_path):
+    model = make_peft_model(src, "bert")
+    save(model, str(tmp_path / "ad"))
+    got = {}
+    for lib in ("peft", "peftkit"):
+        loaded = load(lib, "bert", str(tmp_path / "ad"), is_trainable=True)
+        got[lib] = sorted(n for n, p in loaded.named_parameters() if p.requires_grad)
+        frozen = load(lib, "bert", str(tmp_path / "ad"))
+        assert not any(p.requires_grad for p in frozen.parameters()), lib
+    assert got["peftkit"] == got["peft"]
+
+
+@pytest.mark.parametrize("src,dst", DIRECTIONS, ids=DIRECTION_IDS)
+def test_bf16_base_model(src, dst, tmp_path):
+    """Adapters stay float32 over a bfloat16 base model, and give the same outputs in both libraries."""
+    model = make_peft_model(src, "llama")
+    save(model, str(tmp_path / "ad"))
+    outs = {}
+    for lib in (src, dst):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = LIBS[lib].PeftModel.from_pretrained(build("llama").to(torch.bfloat16), str(tmp_path / "ad")).eval()
+        dtypes = {p.dtype for n, p in m.named_parameters() if "lora_" in n}
+        assert dtypes == {torch.float32}, (lib, dtypes)
+        outs[lib] = run(m, "llama").float()
+    torch.testing.assert_close(outs[dst], outs[src], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("src,dst", DIRECTIONS, ids=DIRECTION_IDS)
+def test_auto_peft_model_loads_local_base(src, dst, tmp_path):
+    """AutoPeftModelForCausalLM finds the base model through base_model_name_or_path (a local folder)."""
+    base_dir = str(tmp_path / "base")
+    build("llama").save_pretrained(base_dir)
+    model = make_peft_model(src, "llama")
+    model.peft_config["default"].base_model_name_or_path = base_dir
+    save(model, str(tmp_path / "ad"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = LIBS[dst].AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "ad")).eval()
+    assert isinstance(loaded, LIBS[dst].PeftModelForCausalLM)
+    torch.testing.assert_close(run(loaded, "llama"), run(model, "llama"))
+
+
+@pytest.mark.parametrize("src,dst", DIRECTIONS, ids=DIRECTION_IDS)
+def test_resized_vocabulary_travels_with_embedding_targets(src, dst, tmp_path):
+    """Targets embed_tokens / lm_head on a resized vocabulary: PEFT saves those layers' base weights too
+    (save_embedding_layers="auto"), so the new token rows come back on a base resized with other values."""
+
+    def resized(seed: int):
+        m = build("llama")
+        torch.manual_seed(seed)
+        m.resize_token_embeddings(70, mean_resizing=False)
+        return m.eval()
+
+    lib = LIBS[src]
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lib.get_peft_model(resized(10), lora_config(lib, "llama", target_modules=["embed_tokens", "lm_head", "q_proj"]))
+        perturb_trainable(model)
+        model.eval().save_pretrained(str(tmp_path / "ad"))
+        loaded = LIBS[dst].PeftModel.from_pretrained(resized(99), str(tmp_path / "ad")).eval()
+    ids = torch.tensor([[65, 66, 3, 4]])  # two of the new tokens
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("src", ["peft", "peftkit"])
+def test_bias_all_with_head_disable_adapter_same(src, tmp_path):
+    """bias="all" + a modules_to_save head: after loading, the original head is untouched in both libraries,
+    so outputs with the adapter disabled agree too."""
+    model = make_peft_model(src, "bert", bias="all")
+    save(model, str(tmp_path / "ad"))
+    outs, heads = {}, {}
+    for lib in ("peft", "peftkit"):
+        loaded = load(lib, "bert", str(tmp_path / "ad"))
+        heads[lib] = loaded.base_model.model.classifier.original_module.bias.detach().clone()
+        with loaded.disable_adapter():
+            outs[lib] = run(loaded, "bert")
+    torch.testing.assert_close(heads["peftkit"], build("bert").classifier.bias.detach())
+    torch.testing.assert_close(heads["peftkit"], heads["peft"])
+    torch.testing.assert_close(outs["peftkit"], outs["peft"])

@@ -79,7 +79,8 @@ def adapter_key_map(tuner: AdapterModel, adapter: str) -> dict[str, Slot]:
         elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
             for sub, owner, leaf in _tensors(module.modules_to_save[adapter]):
                 out[PREFIX + base + sub] = Slot(owner, leaf, f"{PREFIX}{base}modules_to_save.{adapter}.{sub}")
-    out.update(_bias_slots(tuner, adapter))
+    for key, slot in _bias_slots(tuner, adapter).items():
+        out.setdefault(key, slot)  # a trained modules_to_save copy wins over the original's bias
     return out
 
 
@@ -93,7 +94,10 @@ def _bias_slots(tuner: AdapterModel, adapter: str) -> dict[str, Slot]:
     adapter_params = {id(p) for m in layers for a in m.adapters for p in m.adapter_parameters(a)}
     out = {}
     for path, module in tuner.model.named_modules():
-        if not isinstance(getattr(module, "bias", None), nn.Parameter) or id(module.bias) in adapter_params:
+        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            continue  # their ``bias`` is a view of the wrapped module's; that one is visited itself
+        param = module._parameters.get("bias")
+        if param is None or id(param) in adapter_params:
             continue
         if "modules_to_save." in path or path.endswith("original_module") or ".original_module." in path:
             continue
@@ -114,3 +118,45 @@ def _tensors(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
             if name not in mod._non_persistent_buffers_set:
                 found.append((prefix + name, mod, name))
     return found
+
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def embedding_is_targeted(tuner: AdapterModel, config) -> bool:
+    """True when the config adapts the model's token embedding or output head (by PEFT's rule)."""
+    import re
+
+    targets = getattr(config, "target_modules", None)
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        names = [n for n, _ in tuner.model.named_modules() if any(re.match(rf"(.*\.)?{e}$", n) for e in EMBEDDING_LAYER_NAMES)]
+        return any(re.fullmatch(targets, n) for n in names)
+    return any(name in targets for name in EMBEDDING_LAYER_NAMES)
+
+
+def embedding_slots(tuner: AdapterModel, targeted: bool) -> dict[str, Slot]:
+    """The base tensors of the input and output embeddings, as PEFT saves them.
+
+    Targeted embeddings are saved from inside their adapter layer (``...embed_tokens.base_layer.weight``);
+    untargeted ones (a resized vocabulary) under their own path (``...embed_tokens.weight``).
+    """
+    model = tuner.model
+    if not hasattr(model, "get_input_embeddings"):
+        return {}
+    wanted = []
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if layer is None:
+            continue
+        if isinstance(layer, AdapterLayer):
+            wanted.append(layer.base_layer)
+        elif not targeted:
+            wanted.append(layer)
+    out: dict[str, Slot] = {}
+    for path, module in model.named_modules():
+        if any(module is w for w in wanted):
+            for sub, owner, leaf in _tensors(module):
+                key = f"{PREFIX}{path}.{sub}"
+                out[key] = Slot(owner, leaf, key)
+    return out

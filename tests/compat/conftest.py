@@ -1,0 +1,9 @@
+"""The compatibility tests run tiny models: one CPU thread is faster than several."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch
+
+torch.set_num_threads(1)
