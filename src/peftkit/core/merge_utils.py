@@ -61,7 +61,8 @@ def random_prune_tensor(tensor: torch.Tensor, density: float, rescale: bool = Tr
     """Keep each entry with probability ``density`` (DARE); ``rescale`` divides the survivors by it.
 
     The mask is drawn with ``torch.bernoulli`` from the global generator, one draw per entry in
-    the tensor's memory order, as PEFT does: seeding torch reproduces PEFT's masks.
+    the tensor's logical (row-major) order whatever its strides, as PEFT does: given the same
+    seed and a tensor of the same shape, the mask is PEFT's.
     """
     _check_density(density)
     if density >= 1.0:
@@ -122,12 +123,16 @@ def magnitude_prune(
     return task_arithmetic([magnitude_prune_tensor(t, density) for t in tensors], weights)
 
 
-def dare_linear(tensors: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor, density: float) -> torch.Tensor:
+def dare_linear(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor, density: float
+) -> torch.Tensor:
     """Task arithmetic over DARE-pruned (random drop, rescaled) task tensors."""
     return task_arithmetic([random_prune_tensor(t, density, rescale=True) for t in tensors], weights)
 
 
-def _ties_merge(pruned: list[torch.Tensor], weights: Sequence[float] | torch.Tensor, method: SignMethod) -> torch.Tensor:
+def _ties_merge(
+    pruned: list[torch.Tensor], weights: Sequence[float] | torch.Tensor, method: SignMethod
+) -> torch.Tensor:
     stacked = torch.stack(pruned, dim=0)
     mask = majority_sign_mask(stacked, method)  # elected on the unweighted pruned values, as PEFT
     return disjoint_merge(stacked * _weights_like(weights, stacked), mask)

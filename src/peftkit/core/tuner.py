@@ -28,7 +28,7 @@ from .wrappers import ModulesToSaveWrapper
 _WRAPPERS = (AdapterLayer, ModulesToSaveWrapper)
 
 
-def _parent(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+def parent_of(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     parent_name, _, child = key.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
 
@@ -122,7 +122,7 @@ class AdapterModel(nn.Module):
             if isinstance(module, AdapterLayer):
                 yield name, module
 
-    def _wrappers(self) -> Iterator[tuple[str, nn.Module]]:
+    def wrappers(self) -> Iterator[tuple[str, nn.Module]]:
         """Adapter layers and modules_to_save wrappers: everything that answers the adapter verbs."""
         for name, module in top_level_modules(self.model):
             if isinstance(module, _WRAPPERS):
@@ -134,7 +134,7 @@ class AdapterModel(nn.Module):
             raise ValueError(f"Unknown adapter(s) {missing}: this model has {list(self.peft_config)}.")
 
     # ------------------------------------------------------------------ building
-    def _prepare_config(self, config: PeftConfig, spec: MethodSpec) -> PeftConfig:
+    def prepare_config(self, config: PeftConfig, spec: MethodSpec) -> PeftConfig:
         config = dataclasses.replace(config)  # the caller's object stays as it was
         targets = getattr(config, "target_modules", None)
         if targets is None and spec.default_targets is not None:
@@ -163,7 +163,7 @@ class AdapterModel(nn.Module):
                     f"This model holds {other.peft_type} adapters; adding a {config.peft_type} adapter to it "
                     "is not supported."
                 )
-        config = self._prepare_config(config, spec)
+        config = self.prepare_config(config, spec)
         modules = list(top_level_modules(self.model))
         targets = [(key, module) for key, module in modules if key and is_target(config, key)]
         if not targets:
@@ -191,13 +191,13 @@ class AdapterModel(nn.Module):
             layer.active_adapters = [a for a in active]
             layer.add_adapter(adapter_name, config, device=device, **kwargs)
             layer.train(module.training)
-            parent, child = _parent(self.model, key)
+            parent, child = parent_of(self.model, key)
             setattr(parent, child, layer)
         self._mark_trainable(spec, config)
         if getattr(config, "modules_to_save", None):
             self._wrap_modules_to_save(adapter_name, config.modules_to_save)
         if config.inference_mode:
-            self._freeze(adapter_name)
+            self.freeze_adapter(adapter_name)
 
     @staticmethod
     def _sync_fan_in_fan_out(config: PeftConfig, modules: list[nn.Module]) -> None:
@@ -225,7 +225,7 @@ class AdapterModel(nn.Module):
             for _, layer in self.adapter_layers():
                 if getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(True)
-        for _, module in self._wrappers():
+        for _, module in self.wrappers():
             if isinstance(module, ModulesToSaveWrapper):
                 module.set_adapter(self.active_adapters)
 
@@ -237,15 +237,15 @@ class AdapterModel(nn.Module):
                 module.update(adapter_name)
             else:
                 module = ModulesToSaveWrapper(module, adapter_name)
-                parent, child = _parent(self.model, key)
+                parent, child = parent_of(self.model, key)
                 setattr(parent, child, module)
             module.set_adapter(self.active_adapters)
 
-    def _freeze(self, adapter_name: str) -> None:
+    def freeze_adapter(self, adapter_name: str) -> None:
         for _, layer in self.adapter_layers():
             for p in layer.adapter_parameters(adapter_name):
                 p.requires_grad_(False)
-        for _, module in self._wrappers():
+        for _, module in self.wrappers():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 module.modules_to_save[adapter_name].requires_grad_(False)
 
@@ -257,7 +257,7 @@ class AdapterModel(nn.Module):
         if any(layer.merged for _, layer in self.adapter_layers()):
             warnings.warn("Adapters are merged; unmerging them before switching the active adapter.")
             self.unmerge_adapter()
-        for _, module in self._wrappers():
+        for _, module in self.wrappers():
             if isinstance(module, ModulesToSaveWrapper):
                 module.set_adapter(names, inference_mode=inference_mode)
             else:
@@ -275,10 +275,10 @@ class AdapterModel(nn.Module):
             if adapter_name in layer.merged_adapters:
                 raise ValueError(f"Adapter {adapter_name!r} is merged: call unmerge_adapter() before deleting it.")
         del self.peft_config[adapter_name]
-        for key, module in list(self._wrappers()):
+        for key, module in list(self.wrappers()):
             module.delete_adapter(adapter_name)
             if not module.adapters:  # nothing left: put the plain module back
-                parent, child = _parent(self.model, key)
+                parent, child = parent_of(self.model, key)
                 setattr(parent, child, module.base_layer if isinstance(module, AdapterLayer) else module.original_module)
         remaining = [a for a in self.active_adapters if a != adapter_name]
         if not remaining and self.peft_config:
@@ -290,6 +290,8 @@ class AdapterModel(nn.Module):
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str, **options: Any) -> None:
         """Build ``adapter_name`` as a weighted combination of existing adapters (method-specific options)."""
+        if not adapters:
+            raise ValueError("add_weighted_adapter needs at least one adapter to combine.")
         self._check_adapters(adapters)
         if len(weights) != len(adapters):
             raise ValueError(f"Got {len(weights)} weights for {len(adapters)} adapters.")
@@ -301,7 +303,7 @@ class AdapterModel(nn.Module):
         spec.weighted(self, list(adapters), list(weights), adapter_name, **options)
 
     def _set_enabled(self, enabled: bool) -> None:
-        for _, module in self._wrappers():
+        for _, module in self.wrappers():
             module.enable_adapters(enabled)
 
     def enable_adapter_layers(self) -> None:
@@ -357,7 +359,7 @@ class AdapterModel(nn.Module):
         return self._unload(merge=False)
 
     def _unload(self, merge: bool, progressbar: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
-        wrappers = list(self._wrappers())
+        wrappers = list(self.wrappers())
         desc = "Unloading and merging model" if merge else "Unloading model"
         for key, module in tqdm(wrappers, disable=not progressbar, desc=desc):
             if isinstance(module, AdapterLayer):
@@ -366,7 +368,7 @@ class AdapterModel(nn.Module):
                 replacement = module.base_layer
             else:
                 replacement = module.unwrapped(merged=merge)
-            parent, child = _parent(self.model, key)
+            parent, child = parent_of(self.model, key)
             setattr(parent, child, replacement)
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config

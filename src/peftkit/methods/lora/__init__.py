@@ -10,6 +10,7 @@ from ...types import PeftType
 from .config import LoraConfig
 from .init import convert_to_plain_lora
 from .layer import LoraLayer
+from .weighted import add_weighted_adapter
 
 # model_type -> the attention projections LoRA adapts when target_modules is None.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -46,6 +47,7 @@ register_method(
         default_targets=DEFAULT_TARGETS,
         per_layer=_per_layer,
         convert_initial=convert_to_plain_lora,
+        weighted=add_weighted_adapter,
     )
 )
 
