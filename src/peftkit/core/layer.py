@@ -254,6 +254,25 @@ class AdapterLayer(nn.Module):
             while self.merged_adapters:
                 self._merge_one(self.merged_adapters.pop(), w, -1.0)
 
+    def swap_merged(self, adapter: str) -> None:
+        """Replace whatever is merged here by ``adapter``, in one pass over the weight where the method can."""
+        with torch.no_grad():
+            w = self._weight2d()
+            old = list(self.merged_adapters)
+            if adapter in self.adapters and not self.swap_into(old, adapter, w):
+                while self.merged_adapters:
+                    self._merge_one(self.merged_adapters.pop(), w, -1.0)
+                self._merge_one(adapter, w, 1.0)
+            elif adapter not in self.adapters:
+                while self.merged_adapters:
+                    self._merge_one(self.merged_adapters.pop(), w, -1.0)
+                return
+            self.merged_adapters = [adapter]
+
+    def swap_into(self, old: Sequence[str], new: str, w2d: torch.Tensor) -> bool:
+        """Method hook: remove ``old`` and add ``new`` to ``w2d`` in one step; False if not possible."""
+        return False
+
     def _merge_one(self, adapter: str, w2d: torch.Tensor, sign: float) -> None:
         self.merge_into(adapter, w2d, sign)
         db = self.bias_delta(adapter)

@@ -342,6 +342,22 @@ class AdapterModel(nn.Module):
             if layer.merged:
                 layer.unmerge()
 
+    def swap_merged_adapter(self, adapter_name: str) -> None:
+        """On a merged model, replace the merged adapter(s) by ``adapter_name`` in place, layer by layer.
+
+        Equivalent to ``unmerge_adapter(); set_adapter(adapter_name); merge_adapter()``, but each
+        weight is updated once (for LoRA: one product over both adapters' factors).
+        """
+        self._check_adapters([adapter_name])
+        for _, layer in self.adapter_layers():
+            layer.swap_merged(adapter_name)
+        for _, module in self.wrappers():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.set_adapter([adapter_name])
+        for _, layer in self.adapter_layers():
+            layer.set_adapter([adapter_name])
+        self.active_adapter = adapter_name
+
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
     ) -> nn.Module:

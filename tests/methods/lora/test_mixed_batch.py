@@ -115,3 +115,21 @@ def test_mixed_batch_cache_follows_weight_changes():
     second = km(input_ids=IDS, adapter_names=["b", "default"]).logits
     assert not torch.allclose(first[0], second[0])
     assert_close(first[1], second[1])
+
+
+def test_swap_merged_adapter_equals_unmerge_then_merge():
+    build, targets, _ = MODELS["llama"]
+    km = _two_adapters(peftkit, build, targets)
+    ref = copy.deepcopy(km)
+    km.merge_adapter()
+    km.base_model.swap_merged_adapter("b")
+    ref.set_adapter("b")
+    ref.merge_adapter()
+    for (k1, v1), (k2, v2) in zip(km.state_dict().items(), ref.state_dict().items()):
+        assert k1 == k2
+        assert_close(v1, v2, atol=1e-5, rtol=1e-5)
+    assert km.active_adapter == "b"
+    km.unmerge_adapter()
+    with km.disable_adapter():
+        base = km(input_ids=IDS).logits
+    assert_close(base, build()(input_ids=IDS).logits, atol=1e-5, rtol=1e-5)

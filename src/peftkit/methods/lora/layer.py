@@ -153,6 +153,21 @@ class LoraLayer(AdapterLayer):
         else:
             w2d.add_(((b @ a) * self.scaling[adapter]).to(w2d.dtype), alpha=sign)
 
+    def swap_into(self, old: Sequence[str], new: str, w2d: torch.Tensor) -> bool:
+        """``W += s_new·B_new A_new − Σ s_old·B_old A_old`` as one addmm over concatenated factors."""
+        names = [*old, new]
+        if any(self.use_dora.get(n) or self.lora_bias.get(n) for n in names):
+            return False
+        factors = [self._factors(n) for n in names]
+        if any(a.dtype != w2d.dtype for a, _ in factors):
+            return False
+        a_cat = torch.cat([a for a, _ in factors], 0)  # (R, fan_in)
+        b_cat = torch.cat(
+            [b * (self.scaling[n] * (1.0 if n == new else -1.0)) for n, (_, b) in zip(names, factors)], 1
+        )  # (out, R)
+        w2d.addmm_(b_cat, a_cat)
+        return True
+
     def _merge_dora(self, adapter: str, w2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sign: float) -> None:
         """W ← (m / ‖W + ΔW‖) ⊙ (W + ΔW); the unmerge divides by the factor used here."""
         delta = ((b @ a) * self.scaling[adapter]).to(w2d.dtype)
