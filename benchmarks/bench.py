@@ -2,31 +2,51 @@
 """peftkit vs HF PEFT on the same workloads, reported as ratios.
 
 Each (case, library) pair runs in a fresh child process (this script with
-``--child CASE LIB``) that imports only that library, so import side effects never mix
-and the child's peak memory can be read (``ru_maxrss`` on CPU,
-``torch.cuda.max_memory_allocated`` on CUDA). The parent interleaves the libraries
-(the order alternates from round to round), pools the timed samples of all rounds and
-reports medians and ratios ``peftkit / peft`` (and ``/ base`` where a base exists).
+``--child CASE LIB``) that imports only that library (``base`` imports neither), so
+import side effects never mix and the child's own peak memory can be read
+(``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA). At the end the child
+prints one JSON line with its timings and peak memory.
+
+Interleaving: the children of one case are started together, set up (imports, model
+build) and then wait; the parent tells them in turn to take one sample each
+(peftkit, peft, base, then the next repeat with the order rotated), so only one child
+computes at a time and samples of different libraries taken at the same moment sit next
+to each other. This matters on shared, noisy cores, whose throughput can swing several-fold
+within seconds. The peftkit, peft and base columns are medians of the pooled timed samples;
+the ratios (peftkit/peft, peftkit/base, peft/base) are medians over repeats of the ratio of
+the samples taken back to back in that repeat, which stays fair when the machine switches
+between fast and slow phases (the ratio of the pooled medians does not, and is shown too).
+Targets are checked on the paired ratio; memory ratios are plain ratios of peak memory.
 
 Models are transformers ``LlamaForCausalLM`` built from configs with random weights; no
 network is used (``HF_HUB_OFFLINE=1``).
 
 Usage::
 
-    python benchmarks/bench.py                 # full run (~10 min on 2 CPU cores)
-    python benchmarks/bench.py --quick         # CI smoke (~2 min)
+    python benchmarks/bench.py                 # full run (2 CPU cores: ~3 min quiet, up to ~10 min noisy)
+    python benchmarks/bench.py --quick         # CI smoke (~1 min quiet, ~2.5 min noisy)
     python benchmarks/bench.py --cases train_step,get_peft_model --json out.json
     python benchmarks/bench.py --device cuda   # on a GPU machine
+    python benchmarks/bench.py --child train_step peftkit --repeats 5   # one child alone (profiling)
+    PYTHONPATH=/path/to/checkout/src python benchmarks/bench.py   # measure another peftkit tree
+                                                                   # (its path and git commit are printed)
 
 Cases:
-  train_step        LoRA r=16 on all linear layers of a 4-layer hidden-512 Llama, batch 4 x 128:
-                    forward + backward + AdamW step. ``base`` is the frozen base model's
-                    forward + backward with grad-requiring input embeddings (the work any
-                    adapter step does anyway).
+  train_step        LoRA r=16, alpha=32 on all linear layers of a 4-layer hidden-512 Llama,
+                    batch 4 x 128, labels=input_ids: forward + backward + AdamW step.
+                    ``base``: the frozen base's forward + backward with grad-requiring input
+                    embeddings (the work any adapter step does anyway).
   get_peft_model    get_peft_model on a 24-layer Llama (fresh base per repeat, not timed).
   merge_and_unload  merge_and_unload on the 4-layer model, init_lora_weights=False.
-  save_load         save_pretrained (timed), then PeftModel.from_pretrained(fresh base, dir).
-  train_memory      peak memory of a child that builds the 4-layer model and runs 3 steps.
+  save_load         save_pretrained to a temp dir (timed), then
+                    PeftModel.from_pretrained(fresh base, dir) (timed separately).
+  train_memory      peak memory of a child that builds the 4-layer model and runs 3 steps
+                    (one set of children, not repeated per round; --quick leaves out base).
+
+Noise on shared cores: when a co-tenant loads one of the two vCPUs, 2-thread GEMMs wait on
+the slow thread and steps run up to ~10x slower for seconds at a time. Interleaving keeps the
+ratios fair, but absolute times swing; the notes under the table give each sample range and
+the ratio of minima. ``--threads 1`` is steadier there if needed.
 """
 
 from __future__ import annotations
@@ -35,33 +55,37 @@ import argparse
 import json
 import os
 import platform
+import queue
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
-MARK = "@@BENCH_RESULT@@ "
+MARK = "@@BENCH@@ "
 CASES = ("train_step", "get_peft_model", "merge_and_unload", "save_load", "train_memory")
 LIBS = ("peftkit", "peft")
 BASE = "base"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# Model and batch sizes (the brief's workloads).
+# Model and batch sizes.
 HIDDEN, INTERMEDIATE, HEADS, VOCAB = 512, 1376, 8, 8000
 SMALL_LAYERS, BIG_LAYERS = 4, 24
 BATCH, SEQ = 4, 128
 RANK, ALPHA = 16, 32
 MEMORY_STEPS = 3
 
-# Per-child timed samples (and warm-up steps for train_step), full / quick.
+# Timed samples per child, warm-up samples per child, and rounds (fresh sets of children).
 DEFAULT_REPEATS = {
-    "full": {"train_step": 5, "get_peft_model": 7, "merge_and_unload": 15, "save_load": 15},
-    "quick": {"train_step": 2, "get_peft_model": 3, "merge_and_unload": 5, "save_load": 5},
+    "full": {"train_step": 8, "get_peft_model": 8, "merge_and_unload": 12, "save_load": 12, "train_memory": 1},
+    "quick": {"train_step": 2, "get_peft_model": 2, "merge_and_unload": 3, "save_load": 3, "train_memory": 1},
 }
-DEFAULT_WARMUP = {"full": 2, "quick": 1}
+DEFAULT_TRAIN_WARMUP = {"full": 2, "quick": 1}
+OTHER_WARMUP = {"train_step": None, "get_peft_model": 1, "merge_and_unload": 1, "save_load": 1, "train_memory": 0}
 DEFAULT_ROUNDS = {"full": 2, "quick": 1}
 
-# Targets on the ratio peftkit / peft (None: reported, no target).
+# Targets on the ratio peftkit / peft (None: reported without a target).
 TARGETS = {
     "train_step": 0.95,
     "get_peft_model": 0.5,
@@ -70,53 +94,60 @@ TARGETS = {
     "from_pretrained": 1.0,
     "train_memory": 1.0,
 }
+TIME_METRICS = ("train_step", "get_peft_model", "merge_and_unload", "save_pretrained", "from_pretrained")
+
+
+def _set_env(env: dict, threads: int) -> None:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["HF_DATASETS_OFFLINE"] = "1"
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+
+
+def _warmup_for(case: str, args: argparse.Namespace) -> int:
+    w = OTHER_WARMUP[case]
+    return args.warmup if w is None else w
 
 
 # ============================================================================ child side
-def _child_env_setup(threads: int) -> None:
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+def _emit(obj: dict) -> None:
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
 
 
-def _rss_mb() -> tuple[float, float]:
-    """(current RSS, high-water mark) in MB from /proc, or (nan, ru_maxrss) elsewhere."""
-    cur = hwm = float("nan")
+def _proc_rss_mb() -> float:
+    """Current RSS in MB (Linux), else nan."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
                 if line.startswith("VmRSS:"):
-                    cur = int(line.split()[1]) / 1024
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1]) / 1024
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
-    if hwm != hwm:  # nan
-        hwm = _maxrss_mb()
-    return cur, hwm
+    return float("nan")
 
 
 def _maxrss_mb() -> float:
     import resource
 
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024  # macOS reports bytes
+    return kb / 2**20 if sys.platform == "darwin" else kb / 1024  # macOS reports bytes
 
 
 def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
-    _child_env_setup(args.threads)
+    """Set up one case for one library, take samples (on the parent's command when driven)."""
+    _set_env(os.environ, args.threads)
     import warnings
 
     warnings.filterwarnings("ignore")
     t_import = time.perf_counter()
     import gc
     import shutil
-    import tempfile
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -139,15 +170,10 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats()
-    rss_after_import, _ = _rss_mb()
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
-
-    def clock() -> float:
-        sync()
-        return time.perf_counter()
 
     def build(layers: int, seed: int = 0) -> torch.nn.Module:
         cfg = LlamaConfig(
@@ -163,8 +189,7 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
         )
         cfg._attn_implementation = "sdpa"
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
-        return model.to(device)
+        return LlamaForCausalLM(cfg).to(device)
 
     def lora_config(init: bool = True):
         return L.LoraConfig(
@@ -176,347 +201,394 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
             task_type="CAUSAL_LM",
         )
 
-    def batch() -> torch.Tensor:
-        g = torch.Generator().manual_seed(1234)
-        return torch.randint(0, VOCAB, (BATCH, SEQ), generator=g).to(device)
+    def timed(fn):
+        gc.collect()
+        sync()
+        t0 = time.perf_counter()
+        res = fn()
+        sync()
+        return time.perf_counter() - t0, res
+
+    info: dict = {"import_s": import_s, "version": getattr(L, "__version__", None) if L else None,
+                  "path": os.path.dirname(L.__file__) if L else None}
 
     def train_setup():
-        """(step function, model) for this lib: a LoRA step, or the frozen base's fwd+bwd."""
+        """A step function for this lib: a LoRA step, or the frozen base's forward + backward."""
         model = build(SMALL_LAYERS)
-        ids = batch()
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1234)).to(device)
         if lib == BASE:
             model.requires_grad_(False)
             model.enable_input_require_grads()
             model.train()
 
-            def step() -> float:
+            def step():
                 loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
                 return loss.detach()
 
-            return step, model
-        model = L.get_peft_model(model, lora_config())
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        else:
+            model = L.get_peft_model(model, lora_config())
+            model.train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-        def step() -> float:
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
+            def step():
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss.detach()
 
-        return step, model
+        info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return step
 
-    out: dict = {"case": case, "lib": lib, "samples": {}, "info": {}}
-    out["info"]["import_s"] = import_s
-    out["info"]["version"] = getattr(L, "__version__", None) if L is not None else None
-    samples = out["samples"]
-    repeats = args.repeats
-
+    # Each case: setup here, then sample() -> {metric: seconds} (one repeat).
+    cleanup = None
     if case == "train_step":
-        step, model = train_setup()
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        out["info"]["trainable_params"] = n_train
-        first = None
-        for _ in range(args.warmup):
-            loss = step()
-            first = float(loss) if first is None else first
-        times = []
-        for _ in range(repeats):
-            gc.collect()
-            t0 = clock()
-            loss = step()
-            sync()
-            times.append(time.perf_counter() - t0)
-            first = float(loss) if first is None else first
-        samples["train_step"] = times
-        out["info"]["loss_first_step"] = first
+        step = train_setup()
+
+        def sample():
+            dt, loss = timed(step)
+            info.setdefault("loss_first_step", float(loss))
+            return {"train_step": dt}
 
     elif case == "train_memory":
-        rss_before_build, _ = _rss_mb()
-        step, model = train_setup()
-        rss_after_build, hwm_after_build = _rss_mb()
-        losses = [float(step()) for _ in range(MEMORY_STEPS)]
-        out["info"].update(
-            rss_after_import_mb=rss_after_import,
-            rss_after_build_mb=rss_after_build,
-            hwm_after_build_mb=hwm_after_build,
-            losses=losses,
-        )
+        info["rss_after_import_mb"] = _proc_rss_mb()
+        step = train_setup()
+        info["rss_after_build_mb"] = _proc_rss_mb()
+
+        def sample():
+            info["losses"] = [float(step()) for _ in range(MEMORY_STEPS)]
+            sync()
+            return {}
 
     elif case == "get_peft_model":
-        times = []
-        for i in range(repeats):
-            base = build(BIG_LAYERS, seed=i)
+        counter = iter(range(10**6))
+
+        def sample():
+            base = build(BIG_LAYERS, seed=next(counter))
             cfg = lora_config()
-            gc.collect()
-            t0 = clock()
-            pm = L.get_peft_model(base, cfg)
-            sync()
-            times.append(time.perf_counter() - t0)
-            out["info"]["lora_layers"] = sum(1 for n, _ in pm.named_modules() if n.endswith("lora_A"))
-            del pm, base
-        samples["get_peft_model"] = times
+            dt, pm = timed(lambda: L.get_peft_model(base, cfg))
+            info["lora_layers"] = sum(1 for n, _ in pm.named_modules() if n.endswith("lora_A"))
+            return {"get_peft_model": dt}
 
     elif case == "merge_and_unload":
-        times = []
-        for i in range(repeats):
-            pm = L.get_peft_model(build(SMALL_LAYERS, seed=i), lora_config(init=False))
-            gc.collect()
-            t0 = clock()
-            merged = pm.merge_and_unload()
-            sync()
-            times.append(time.perf_counter() - t0)
-            out["info"]["merged_type"] = type(merged).__name__
-            del pm, merged
-        samples["merge_and_unload"] = times
+        counter = iter(range(10**6))
+
+        def sample():
+            pm = L.get_peft_model(build(SMALL_LAYERS, seed=next(counter)), lora_config(init=False))
+            dt, merged = timed(pm.merge_and_unload)
+            info["merged_type"] = type(merged).__name__
+            return {"merge_and_unload": dt}
 
     elif case == "save_load":
         root = tempfile.mkdtemp(prefix="peftbench-")
-        try:
-            pm = L.get_peft_model(build(SMALL_LAYERS), lora_config(init=False))
-            ref = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
-            save_times = []
-            for i in range(repeats):
-                d = os.path.join(root, f"save{i}")
-                gc.collect()
-                t0 = clock()
-                pm.save_pretrained(d)
-                save_times.append(time.perf_counter() - t0)
-            src = os.path.join(root, "save0")
-            out["info"]["saved_files"] = sorted(os.listdir(src))
-            del pm
-            load_times = []
-            for i in range(repeats):
-                base = build(SMALL_LAYERS)
-                gc.collect()
-                t0 = clock()
-                loaded = L.PeftModel.from_pretrained(base, src)
-                sync()
-                load_times.append(time.perf_counter() - t0)
-                if i == 0:  # check the load really restored the adapter
-                    got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
-                    out["info"]["load_ok"] = set(got) == set(ref) and all(
-                        torch.equal(got[n].detach(), ref[n]) for n in ref
-                    )
-                del loaded, base
-            samples["save_pretrained"] = save_times
-            samples["from_pretrained"] = load_times
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+        cleanup = lambda: shutil.rmtree(root, ignore_errors=True)  # noqa: E731
+        pm = L.get_peft_model(build(SMALL_LAYERS), lora_config(init=False))
+        ref = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
+        counter = iter(range(10**6))
+
+        def sample():
+            d = os.path.join(root, f"save{next(counter)}")
+            t_save, _ = timed(lambda: pm.save_pretrained(d))
+            info["saved_files"] = sorted(os.listdir(d))
+            base = build(SMALL_LAYERS)
+            t_load, loaded = timed(lambda: L.PeftModel.from_pretrained(base, d))
+            got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+            ok = set(got) == set(ref) and all(torch.equal(got[n].detach().cpu(), ref[n].cpu()) for n in ref)
+            info["load_ok"] = info.get("load_ok", True) and ok
+            shutil.rmtree(d, ignore_errors=True)
+            return {"save_pretrained": t_save, "from_pretrained": t_load}
+
     else:
         raise SystemExit(f"unknown case {case!r}")
 
+    samples: dict[str, list[float]] = {}
+    warm: dict[str, list[float]] = {}
+
+    def take(is_warm: bool) -> dict:
+        s = sample()
+        for k, v in s.items():
+            (warm if is_warm else samples).setdefault(k, []).append(v)
+        return s
+
+    try:
+        if args.driven:
+            _emit({"event": "ready"})
+            for line in sys.stdin:
+                cmd = line.strip()
+                if cmd in ("go", "warm"):
+                    _emit({"event": "sample", "times": take(cmd == "warm")})
+                elif cmd == "end":
+                    break
+        else:
+            for _ in range(_warmup_for(case, args)):
+                take(True)
+            for _ in range(args.repeats):
+                take(False)
+    finally:
+        if cleanup:
+            cleanup()
     sync()
-    out["peak_rss_mb"] = _maxrss_mb()
+    out = {"event": "result", "case": case, "lib": lib, "samples": samples, "warmup_samples": warm,
+           "peak_rss_mb": _maxrss_mb(), "info": info}
     if cuda:
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        out["info"]["device_name"] = torch.cuda.get_device_name()
+        info["device_name"] = torch.cuda.get_device_name()
     return out
 
 
 # ============================================================================ parent side
+class Child:
+    """One driven child process; its MARK lines arrive on a queue (read by a thread)."""
+
+    def __init__(self, case: str, lib: str, args: argparse.Namespace, repeats: int) -> None:
+        self.case, self.lib = case, lib
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", case, lib, "--driven",
+               "--device", args.device, "--threads", str(args.threads), "--repeats", str(repeats)]
+        env = dict(os.environ)
+        _set_env(env, args.threads)
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, text=True, bufsize=1)
+        self.q: queue.Queue = queue.Queue()
+        self.timeout = args.child_timeout
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                self.q.put(json.loads(line[len(MARK):]))
+        self.q.put(None)  # EOF
+
+    def wait(self, event: str) -> dict:
+        try:
+            msg = self.q.get(timeout=self.timeout)
+        except queue.Empty:
+            msg = None
+        if msg is None or msg.get("event") != event:
+            self.kill()
+            self.err.seek(0)
+            tail = "\n".join(self.err.read().splitlines()[-30:])
+            raise RuntimeError(f"child {self.case}/{self.lib} failed waiting for {event!r} "
+                               f"(rc={self.proc.poll()}):\n{tail}")
+        return msg
+
+    def send(self, cmd: str) -> None:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def _libs_for(case: str, quick: bool) -> list[str]:
-    if case == "train_step":
+    if case == "train_step" or (case == "train_memory" and not quick):
         return [*LIBS, BASE]
-    if case == "train_memory":
-        return list(LIBS) if quick else [*LIBS, BASE]
     return list(LIBS)
 
 
-def _spawn(case: str, lib: str, args: argparse.Namespace, repeats: int) -> dict:
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--child", case, lib,
-        "--device", args.device,
-        "--threads", str(args.threads),
-        "--repeats", str(repeats),
-        "--warmup", str(args.warmup),
-    ]
-    env = dict(os.environ)
-    _child_env_setup_into(env, args.threads)
+def drive_case(case: str, rnd: int, args: argparse.Namespace, mode: str, log) -> list[dict]:
+    """Start this case's children together, then take samples from them in turn."""
+    libs = _libs_for(case, mode == "quick")
+    repeats = 1 if case == "train_memory" else (args.repeats or DEFAULT_REPEATS[mode][case])
+    warmup = _warmup_for(case, args)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.child_timeout)
-    wall = time.perf_counter() - t0
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            res = json.loads(line[len(MARK):])
-            res["wall_s"] = wall
-            return res
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-    raise RuntimeError(f"child {case}/{lib} failed (rc={proc.returncode}):\n{tail}")
-
-
-def _child_env_setup_into(env: dict, threads: int) -> None:
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("PYTHONWARNINGS", "ignore")
+    children = {lib: Child(case, lib, args, repeats) for lib in libs}
+    try:
+        for ch in children.values():
+            ch.wait("ready")
+        t_ready = time.perf_counter() - t0
+        for i in range(warmup + repeats):
+            k = (i + rnd) % len(libs)
+            for lib in libs[k:] + libs[:k]:  # rotate who goes first each repeat
+                children[lib].send("warm" if i < warmup else "go")
+                children[lib].wait("sample")
+        results = []
+        for lib, ch in children.items():
+            ch.send("end")
+            res = ch.wait("result")
+            ch.proc.wait(timeout=60)
+            res["round"] = rnd
+            results.append(res)
+    finally:
+        for ch in children.values():
+            ch.kill()
+    log(f"  round {rnd} {case:17s} [{', '.join(libs)}] setup {t_ready:5.1f} s, "
+        f"{warmup}+{repeats} samples each, {time.perf_counter() - t0:6.1f} s")
+    return results
 
 
 def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def _fmt_time(s: float | None) -> str:
     if s is None:
         return "—"
-    if s >= 1:
-        return f"{s:.3f} s"
-    return f"{s * 1e3:.1f} ms"
+    return f"{s:.3f} s" if s >= 1 else f"{s * 1e3:.1f} ms"
+
+
+def _fmt_mb(v: float | None) -> str:
+    return "—" if v is None else f"{v:.0f} MB"
 
 
 def _fmt_ratio(r: float | None) -> str:
     return "—" if r is None else f"{r:.3f}"
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
+def _paired(per_round: dict[int, dict[str, list[float]]], num: str, den: str) -> float | None:
+    """Median over repeats of num_i / den_i: sample i of each child was taken back to back."""
+    ratios = []
+    for libs in per_round.values():
+        if num in libs and den in libs:
+            ratios += [a / b for a, b in zip(libs[num], libs[den]) if b > 0]
+    return _median(ratios)
 
 
 def summarise(children: list[dict], device: str) -> list[dict]:
-    """One row per reported metric: medians of pooled samples, ratios, target status."""
-    pooled: dict[str, dict[str, list[float]]] = {}
-    peaks: dict[str, dict[str, list[float]]] = {}
-    for ch in children:
-        for metric, xs in ch["samples"].items():
-            pooled.setdefault(metric, {}).setdefault(ch["lib"], []).extend(xs)
-        if ch["case"] == "train_memory":
-            key = "cuda_peak_mb" if device == "cuda" else "peak_rss_mb"
-            peaks.setdefault("train_memory", {}).setdefault(ch["lib"], []).append(ch[key])
+    """One row per metric: medians of pooled samples, paired and pooled ratios, target status."""
     rows = []
-    order = ["train_step", "get_peft_model", "merge_and_unload", "save_pretrained", "from_pretrained"]
-    for metric in order:
-        if metric not in pooled:
+    for metric in TIME_METRICS:
+        by: dict[str, list[float]] = {}
+        per_round: dict[int, dict[str, list[float]]] = {}
+        for ch in children:
+            xs = ch["samples"].get(metric)
+            if xs:
+                by.setdefault(ch["lib"], []).extend(xs)
+                per_round.setdefault(ch["round"], {})[ch["lib"]] = xs
+        if not by:
             continue
-        by = pooled[metric]
         med = {lib: _median(xs) for lib, xs in by.items()}
-        rows.append(_row(metric, "time", med, {lib: len(xs) for lib, xs in by.items()}, by))
-    if "train_memory" in peaks:
-        by = peaks["train_memory"]
-        med = {lib: _median(xs) for lib, xs in by.items()}
-        rows.append(_row("train_memory", "memory", med, {lib: len(xs) for lib, xs in by.items()}, by))
+        ratios = {"ratio": _paired(per_round, "peftkit", "peft"),
+                  "peftkit_over_base": _paired(per_round, "peftkit", BASE),
+                  "peft_over_base": _paired(per_round, "peft", BASE)}
+        rows.append(_row(metric, "time", med, by, ratios))
+    mem: dict[str, list[float]] = {}
+    key = "cuda_peak_mb" if device == "cuda" else "peak_rss_mb"
+    for ch in children:
+        if ch["case"] == "train_memory":
+            mem.setdefault(ch["lib"], []).append(ch[key])
+    if mem:
+        med = {lib: _median(xs) for lib, xs in mem.items()}
+        k, p, b = med.get("peftkit"), med.get("peft"), med.get(BASE)
+        ratios = {"ratio": _ratio(k, p), "peftkit_over_base": _ratio(k, b), "peft_over_base": _ratio(p, b)}
+        rows.append(_row("train_memory", "memory", med, mem, ratios))
     return rows
 
 
-def _row(metric: str, kind: str, med: dict, n: dict, raw: dict) -> dict:
+def _row(metric: str, kind: str, med: dict, raw: dict, ratios: dict) -> dict:
     k, p, b = med.get("peftkit"), med.get("peft"), med.get(BASE)
-    ratio = _ratio(k, p)
+    ratio = ratios["ratio"]
     target = TARGETS.get(metric)
-    return {
-        "case": metric,
-        "kind": kind,
-        "peftkit": k,
-        "peft": p,
-        "base": b,
-        "ratio": ratio,
-        "peftkit_over_base": _ratio(k, b),
-        "peft_over_base": _ratio(p, b),
-        "target": target,
-        "met": None if target is None or ratio is None else ratio <= target,
-        "n": n,
-        "samples": raw,
-    }
+    return {"case": metric, "kind": kind, "peftkit": k, "peft": p, "base": b, "ratio": ratio,
+            "ratio_of_medians": _ratio(k, p), "peftkit_over_base": ratios["peftkit_over_base"],
+            "peft_over_base": ratios["peft_over_base"], "target": target,
+            "met": None if target is None or ratio is None else ratio <= target, "samples": raw}
 
 
 def markdown(rows: list[dict], device: str) -> str:
     mem_label = "peak CUDA alloc" if device == "cuda" else "peak RSS"
-    lines = [
-        "| case | peftkit | peft | ratio peftkit/peft | target | base | peftkit/base | peft/base |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = ["| case | peftkit | peft | ratio peftkit/peft | target | base | peftkit/base | peft/base "
+             "| ratio of medians |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "memory":
-            name = f"train_memory ({mem_label}, {MEMORY_STEPS} steps)"
-            fmt = lambda v: "—" if v is None else f"{v:.0f} MB"  # noqa: E731
+            name, fmt = f"train_memory ({mem_label}, {MEMORY_STEPS} steps)", _fmt_mb
         else:
-            name = r["case"]
-            fmt = _fmt_time
+            name, fmt = r["case"], _fmt_time
         tgt = "—" if r["target"] is None else f"≤ {r['target']:.2f} " + ("(met)" if r["met"] else "(MISSED)")
-        lines.append(
-            f"| {name} | {fmt(r['peftkit'])} | {fmt(r['peft'])} | {_fmt_ratio(r['ratio'])} | {tgt} | "
-            f"{fmt(r['base'])} | {_fmt_ratio(r['peftkit_over_base'])} | {_fmt_ratio(r['peft_over_base'])} |"
-        )
+        lines.append(f"| {name} | {fmt(r['peftkit'])} | {fmt(r['peft'])} | {_fmt_ratio(r['ratio'])} | {tgt} | "
+                     f"{fmt(r['base'])} | {_fmt_ratio(r['peftkit_over_base'])} | {_fmt_ratio(r['peft_over_base'])} | "
+                     f"{_fmt_ratio(r['ratio_of_medians'])} |")
     return "\n".join(lines)
 
 
-def notes(rows: list[dict], children: list[dict], device: str) -> str:
+def notes(rows: list[dict], children: list[dict]) -> str:
     out = []
     by = {r["case"]: r for r in rows}
     ts = by.get("train_step")
-    if ts and ts["base"] and ts["peftkit"] and ts["peft"]:
-        ok, op = ts["peftkit"] - ts["base"], ts["peft"] - ts["base"]
-        out.append(
-            f"- train_step cost above the frozen base: peftkit {ok * 1e3:+.1f} ms "
-            f"({ok / ts['base'] * 100:+.1f}%), peft {op * 1e3:+.1f} ms ({op / ts['base'] * 100:+.1f}%)."
-        )
-        losses = {c["lib"]: c["info"].get("loss_first_step") for c in children if c["case"] == "train_step"}
-        out.append("- first-step loss (LoRA B=0, so all three should agree): "
-                   + ", ".join(f"{k}={v:.5f}" for k, v in losses.items() if v is not None))
-    for name in ("train_step", "get_peft_model", "merge_and_unload", "save_pretrained", "from_pretrained"):
+    if ts and ts["peftkit_over_base"] and ts["peft_over_base"]:
+        out.append(f"- train_step cost above the frozen base (median per-repeat): peftkit "
+                   f"{(ts['peftkit_over_base'] - 1) * 100:+.1f}%, peft {(ts['peft_over_base'] - 1) * 100:+.1f}%")
+        losses = {c["lib"]: c["info"].get("loss_first_step") for c in children
+                  if c["case"] == "train_step" and c["round"] == 0}
+        out.append("- first-step loss (B = 0 at init, so all should agree): "
+                   + ", ".join(f"{k} {v:.5f}" for k, v in losses.items() if v is not None))
+    for name in TIME_METRICS:
         r = by.get(name)
-        if not r:
-            continue
-        spreads = []
-        for lib, xs in r["samples"].items():
-            if len(xs) > 1:
-                spreads.append(f"{lib} {_fmt_time(min(xs))}..{_fmt_time(max(xs))} (n={len(xs)})")
-        if spreads:
-            out.append(f"- {name} sample range: " + "; ".join(spreads))
+        if r:
+            parts = [f"{lib} {_fmt_time(min(xs))}..{_fmt_time(max(xs))} (n={len(xs)})"
+                     for lib, xs in r["samples"].items()]
+            mins = {lib: min(xs) for lib, xs in r["samples"].items()}
+            rmin = _ratio(mins.get("peftkit"), mins.get("peft"))
+            out.append(f"- {name} sample range: " + "; ".join(parts)
+                       + (f"; ratio of minima {rmin:.3f}" if rmin is not None else ""))
     mem = [c for c in children if c["case"] == "train_memory"]
     if mem:
         parts = []
         for c in mem:
             i = c["info"]
-            parts.append(
-                f"{c['lib']}: after import {i['rss_after_import_mb']:.0f} MB, after build "
-                f"{i['rss_after_build_mb']:.0f} MB, peak {c['peak_rss_mb']:.0f} MB"
-                + (f", CUDA peak {c['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in c else "")
-            )
-        out.append("- train_memory RSS (import and build are included in the peak): " + "; ".join(parts))
-    imports = {}
+            parts.append(f"{c['lib']}: after imports {i['rss_after_import_mb']:.0f} MB, after build "
+                         f"{i['rss_after_build_mb']:.0f} MB, peak {c['peak_rss_mb']:.0f} MB"
+                         + (f", CUDA peak {c['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in c else ""))
+        out.append("- train_memory RSS (the peak includes imports and the model): " + "; ".join(parts))
+    imports: dict[str, list[float]] = {}
     for c in children:
         imports.setdefault(c["lib"], []).append(c["info"]["import_s"])
-    out.append("- child import time (not in any timing): "
+    out.append("- child import time (untimed; children import concurrently): "
                + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in imports.items()))
     sl = [c for c in children if c["case"] == "save_load"]
     if sl:
+        ok: dict[str, bool] = {}
+        for c in sl:
+            ok[c["lib"]] = ok.get(c["lib"], True) and bool(c["info"].get("load_ok"))
         out.append("- from_pretrained restored the saved adapter exactly: "
-                   + ", ".join(f"{c['lib']}={c['info'].get('load_ok')}" for c in sl))
+                   + ", ".join(f"{k}={v}" for k, v in ok.items()))
     return "\n".join(out)
+
+
+def _provenance(path: str) -> str:
+    try:
+        out = subprocess.run(["git", "-C", path, "describe", "--always", "--dirty", "--abbrev=10"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{path}, git {out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats and rounds (CI smoke, ~2 min)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, one round (CI smoke, ~2 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     ap.add_argument("--repeats", type=int, default=None, help="timed samples per child (default: per case)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps for train_step")
-    ap.add_argument("--rounds", type=int, default=None, help="children per (case, lib), order alternating")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
-    ap.add_argument("--json", metavar="OUT", default=None, help="write all results and samples here")
-    ap.add_argument("--child-timeout", type=float, default=900.0, help=argparse.SUPPRESS)
-    ap.add_argument("--child", nargs=2, metavar=("CASE", "LIB"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per child for train_step")
+    ap.add_argument("--rounds", type=int, default=None, help="fresh sets of children per case (default 2, quick 1)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child (default 2)")
+    ap.add_argument("--json", metavar="OUT", default=None, help="write rows, raw samples and metadata here")
+    ap.add_argument("--child", nargs=2, metavar=("CASE", "LIB"), default=None,
+                    help="run one case for one lib (peftkit, peft or base) in this process and print its JSON")
+    ap.add_argument("--driven", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     mode = "quick" if args.quick else "full"
     if args.warmup is None:
-        args.warmup = DEFAULT_WARMUP[mode]
+        args.warmup = DEFAULT_TRAIN_WARMUP[mode]
 
     if args.child:
         case, lib = args.child
         if args.repeats is None:
             args.repeats = DEFAULT_REPEATS[mode].get(case, 1)
-        res = run_child(case, lib, args)
-        sys.stdout.write(MARK + json.dumps(res) + "\n")
-        sys.stdout.flush()
+        _emit(run_child(case, lib, args))
         return 0
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -530,27 +602,17 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             ap.error("--device cuda, but torch sees no CUDA device")
 
-    plan = []
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    log(f"# peftkit vs peft: {mode} run, device={args.device}, threads={args.threads}, rounds={rounds}")
+    t_start = time.perf_counter()
+    children: list[dict] = []
     for rnd in range(rounds):
         for case in cases:
-            libs = _libs_for(case, args.quick)
             if case == "train_memory" and rnd > 0:
-                continue  # peak memory is deterministic enough: one child per lib
-            k = rnd % len(libs)
-            for lib in libs[k:] + libs[:k]:  # rotate the order each round
-                plan.append((rnd, case, lib))
-
-    print(f"# peftkit vs peft: {mode} run, device={args.device}, threads={args.threads}, rounds={rounds}, "
-          f"{len(plan)} child processes", file=sys.stderr)
-    children = []
-    t_start = time.perf_counter()
-    for i, (rnd, case, lib) in enumerate(plan, 1):
-        reps = args.repeats or DEFAULT_REPEATS[mode].get(case, 1)
-        res = _spawn(case, lib, args, reps)
-        res["round"] = rnd
-        children.append(res)
-        print(f"  [{i:2d}/{len(plan)}] round {rnd} {case:17s} {lib:8s} {res['wall_s']:6.1f} s "
-              f"(elapsed {time.perf_counter() - t_start:5.0f} s)", file=sys.stderr, flush=True)
+                continue  # peak memory barely moves between runs: one set of children
+            children += drive_case(case, rnd, args, mode, log)
     total = time.perf_counter() - t_start
 
     rows = summarise(children, args.device)
@@ -562,27 +624,31 @@ def main(argv: list[str] | None = None) -> int:
     for c in children:
         if c["info"].get("version"):
             versions[c["lib"]] = c["info"]["version"]
-    dev = args.device
-    if dev == "cuda":
-        dev += " (" + next((c["info"]["device_name"] for c in children if "device_name" in c["info"]), "?") + ")"
+    for c in children:  # where peftkit came from, and its commit when it is a git checkout
+        if c["lib"] == "peftkit" and c["info"].get("path"):
+            versions["peftkit"] = f"{versions.get('peftkit', '?')} ({_provenance(c['info']['path'])})"
+            break
+    if args.device == "cuda":
+        dev = "cuda (" + next((c["info"]["device_name"] for c in children if "device_name" in c["info"]), "?") + ")"
     else:
-        dev += f" ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
-    header = (f"peftkit vs peft — {mode} run on {dev}, torch threads={args.threads}, rounds={rounds}, "
-              f"total {total:.0f} s; medians of pooled samples; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print()
-    print(header)
-    print()
+        dev = f"cpu ({platform.machine()}, {os.cpu_count()} cores visible)"
+    print(f"\npeftkit vs peft: {mode} run on {dev}, torch threads={args.threads}, rounds={rounds}, "
+          f"wall {total:.0f} s; " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "\n")
     print(markdown(rows, args.device))
     print()
-    print(notes(rows, children, args.device))
+    print(notes(rows, children))
+    noisy = [r["case"] for r in rows if r["kind"] == "time"
+             and any(min(xs) > 0 and max(xs) / min(xs) > 3 for xs in r["samples"].values())]
+    if noisy:
+        print(f"\nwarning: samples of {', '.join(noisy)} vary more than 3x: the machine was noisy during the run "
+              "(on shared vCPUs, --threads 1 is steadier); trust the paired ratios over the absolute times.")
     missed = [r["case"] for r in rows if r["met"] is False]
-    print()
-    print("targets missed: " + (", ".join(missed) if missed else "none"))
+    print("\ntargets missed: " + (", ".join(missed) if missed else "none"))
 
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"meta": {"mode": mode, "device": dev, "threads": args.threads, "rounds": rounds,
-                                "cases": cases, "versions": versions, "total_s": total, "argv": sys.argv[1:]},
+                                "cases": cases, "versions": versions, "wall_s": total, "argv": sys.argv[1:]},
                        "rows": rows, "children": children}, fh, indent=1)
     return 0
 
