@@ -34,14 +34,23 @@ def parent_of(model: nn.Module, key: str) -> tuple[nn.Module, str]:
 
 
 def top_level_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` without the insides of adapter layers and modules_to_save wrappers."""
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if inside and any(name.startswith(p) for p in inside):
+    """``named_modules`` without the insides of adapter layers and modules_to_save wrappers.
+
+    A plain depth-first walk that does not descend into wrappers: linear in the model's size.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
             continue
+        seen.add(id(module))
         yield name, module
-        if isinstance(module, _WRAPPERS):
-            inside.append(name + ".")
+        if name and isinstance(module, _WRAPPERS):
+            continue
+        prefix = name + "." if name else ""
+        children = [(prefix + k, m) for k, m in module._modules.items() if m is not None]
+        stack.extend(reversed(children))
 
 
 class AdapterModel(nn.Module):

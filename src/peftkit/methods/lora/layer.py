@@ -339,5 +339,20 @@ def _add_scaled(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, bias: torch
 
 def _skip_init(cls: type[nn.Module], *args: Any, device: Any, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
     """Build a layer without its default initialisation (``reset_parameters`` sets the values)."""
+    if cls is nn.Linear:
+        return _empty_linear(*args, device=device, dtype=dtype, **kwargs)
     module = cls(*args, device="meta", dtype=dtype, **kwargs)
     return module if torch.device(device).type == "meta" else module.to_empty(device=device)
+
+
+def _empty_linear(in_features: int, out_features: int, bias: bool, device: Any, dtype: torch.dtype) -> nn.Linear:
+    """An ``nn.Linear`` with uninitialised tensors: building one the usual way runs a random init we discard."""
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+    if bias:
+        layer.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+    else:
+        layer.register_parameter("bias", None)
+    return layer
