@@ -41,14 +41,17 @@ def _input(kind: str, fan_in: int) -> torch.Tensor:
     r=st.integers(1, 8),
     alpha=st.floats(0.5, 32),
     rslora=st.booleans(),
+    dora=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_merge_unmerge_and_merged_equals_unmerged(kind, shape, r, alpha, rslora, seed):
+def test_merge_unmerge_and_merged_equals_unmerged(kind, shape, r, alpha, rslora, dora, seed):
     torch.manual_seed(seed)
     fan_in, fan_out = shape
     model = peftkit.get_peft_model(
         _model(kind, fan_in, fan_out),
-        peftkit.LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=["0"], init_lora_weights=False),
+        peftkit.LoraConfig(
+            r=r, lora_alpha=alpha, use_rslora=rslora, use_dora=dora, target_modules=["0"], init_lora_weights=False
+        ),
     )
     x = _input(kind, fan_in)
     layer = model.base_model.model[0]

@@ -77,13 +77,20 @@ BASES = [
 class MethodCase:
     name: str
     config: Callable[..., peftkit.PeftConfig]  # (target, init) -> config
+    # Several active adapters merge to what they compute unmerged (false for DoRA: each adapter's
+    # norm is taken against the base weight, so stacked DoRA adapters do not compose linearly).
+    stackable: bool = True
 
 
 def _lora(target: str, init: bool = False, **kw) -> peftkit.PeftConfig:
     return peftkit.LoraConfig(r=2, lora_alpha=4, target_modules=[target], init_lora_weights=init, **kw)
 
 
-METHODS = [MethodCase("lora", _lora)]
+def _dora(target: str, init: bool = False) -> peftkit.PeftConfig:
+    return _lora(target, init, use_dora=True)
+
+
+METHODS = [MethodCase("lora", _lora), MethodCase("dora", _dora, stackable=False)]
 
 
 def fresh(base: BaseCase, seed: int = 0) -> nn.Module:
