@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    demo.add_argument("--eval-limit", type=int, default=0, help="evaluate on this many held-out messages (0: all)")
 
     inspect = sub.add_parser("inspect", help="Show an adapter folder's config and tensors.")
     inspect.add_argument("path")

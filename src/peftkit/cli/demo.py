@@ -107,6 +107,8 @@ def run_demo(args: argparse.Namespace) -> int:
     path = model_path()
     tok = AutoTokenizer.from_pretrained(path)
     train, test = split(load_sms_spam(), 0.2, args.seed)
+    if args.eval_limit:
+        test = test[: args.eval_limit]
     print(f"SMS Spam Collection: {len(train)} training / {len(test)} held-out messages "
           f"({sum(r[1] for r in test)} spam held out)")
 
