@@ -59,3 +59,67 @@ def lora_linear(
 def lora_linear_reference(x, weight, bias, a, b, scale):
     """The definition ``lora_linear`` must match."""
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, a), b)
+
+
+class _DoraLinear(torch.autograd.Function):
+    """``y = b + f ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ)`` with ``f = m / n`` (n a constant) as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale, magnitude, norm):  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        t = F.linear(x2, weight)  # (N, out), the direction's output before rescaling
+        h = x2 @ a.t()  # (N, r)
+        t.addmm_(h, b.t(), alpha=scale)
+        f = magnitude / norm  # (out,)
+        y = t * f if bias is None else torch.addcmul(bias, t, f)
+        ctx.save_for_backward(x2, weight, a, b, h, t, f, norm)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x2, weight, a, b, h, t, f, norm = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_m = (g * t).sum(0).div_(norm) if ctx.needs_input_grad[6] else None
+        gt = g * f  # gradient at the direction's output
+        gh = torch.mm(gt, b).mul_(ctx.scale)  # (N, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(gt, weight).addmm_(gh, a).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = gh.t() @ x2
+        if ctx.needs_input_grad[4]:
+            grad_b = torch.mm(gt.t(), h).mul_(ctx.scale)
+        return grad_x, None, None, grad_a, grad_b, None, grad_m, None
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+) -> torch.Tensor:
+    """A DoRA linear layer over a frozen ``weight``/``bias``; ``norm`` (out,) is treated as a constant.
+
+    Args:
+        x: input (..., in).
+        weight: frozen base weight (out, in).
+        bias: frozen base bias (out,) or None.
+        a: LoRA A (r, in).
+        b: LoRA B (out, r).
+        scale: the LoRA scaling.
+        magnitude: the trained magnitude (out,).
+        norm: ``‖W + s·BA‖`` per output row, detached.
+    """
+    return _DoraLinear.apply(x, weight, bias, a, b, scale, magnitude, norm)
+
+
+def dora_linear_reference(x, weight, bias, a, b, scale, magnitude, norm):
+    """The definition ``dora_linear`` must match."""
+    y = (F.linear(x, weight) + scale * F.linear(F.linear(x, a), b)) * (magnitude / norm.detach())
+    return y if bias is None else y + bias

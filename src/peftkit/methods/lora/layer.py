@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.layer import AdapterLayer
-from ...kernels.lora import lora_linear
+from ...kernels.lora import dora_linear, lora_linear
 from .dora import Magnitude, channel_view, row_norm_of_sum
 from .init import olora, parse_pissa, pissa
 
@@ -186,8 +186,8 @@ class LoraLayer(AdapterLayer):
         return self.lora_B[adapter].bias * self.scaling[adapter]
 
     def fused_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
-        """Training path for plain linear layers: one autograd node for base + adapter."""
-        if not self._fusable or not torch.is_grad_enabled() or adapter not in self.lora_A or self.use_dora[adapter]:
+        """Training path for plain linear layers: one autograd node for base + adapter (LoRA or DoRA)."""
+        if not self._fusable or not torch.is_grad_enabled() or adapter not in self.lora_A:
             return None
         a_mod, b_mod = self.lora_A[adapter], self.lora_B[adapter]
         base = self.base_layer
@@ -203,7 +203,12 @@ class LoraLayer(AdapterLayer):
             or base._forward_pre_hooks
         ):
             return None
-        return lora_linear(x, w, bias, a_mod.weight, b_mod.weight, self.scaling[adapter])
+        scale = self.scaling[adapter]
+        if self.use_dora[adapter]:
+            mag = self.lora_magnitude_vector[adapter]
+            norm = mag.direction_norm(w, a_mod.weight, b_mod.weight, scale)
+            return dora_linear(x, w, bias, a_mod.weight, b_mod.weight, scale, mag.weight, norm)
+        return lora_linear(x, w, bias, a_mod.weight, b_mod.weight, scale)
 
     @property
     def _fusable(self) -> bool:
