@@ -29,15 +29,20 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x2, weight, a, b, h = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        gh = torch.mm(g, b).mul_(ctx.scale)  # (N, r)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, weight).addmm_(gh, a).view(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            grad_a = gh.t() @ x2
-        if ctx.needs_input_grad[4]:
-            grad_b = torch.mm(g.t(), h).mul_(ctx.scale)
-        return grad_x, None, None, grad_a, grad_b, None
+        return (*_linear_lora_grads(ctx, g, x2, weight, a, b, h), None)
+
+
+def _linear_lora_grads(ctx, g, x2, weight, a, b, h) -> tuple:
+    """Gradients of ``x Wᵀ + s·(x Aᵀ) Bᵀ`` at output gradient ``g``: (x, W, bias, A, B, scale) slots."""
+    gh = torch.mm(g, b).mul_(ctx.scale)  # (N, r)
+    grad_x = grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.mm(g, weight).addmm_(gh, a).view(ctx.x_shape)  # base and adapter paths in one buffer
+    if ctx.needs_input_grad[3]:
+        grad_a = gh.t() @ x2
+    if ctx.needs_input_grad[4]:
+        grad_b = torch.mm(g.t(), h).mul_(ctx.scale)
+    return grad_x, None, None, grad_a, grad_b
 
 
 def lora_linear(
@@ -83,15 +88,7 @@ class _DoraLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_m = (g * t).sum(0).div_(norm) if ctx.needs_input_grad[6] else None
         gt = g * f  # gradient at the direction's output
-        gh = torch.mm(gt, b).mul_(ctx.scale)  # (N, r)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(gt, weight).addmm_(gh, a).view(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            grad_a = gh.t() @ x2
-        if ctx.needs_input_grad[4]:
-            grad_b = torch.mm(gt.t(), h).mul_(ctx.scale)
-        return grad_x, None, None, grad_a, grad_b, None, grad_m, None
+        return (*_linear_lora_grads(ctx, gt, x2, weight, a, b, h), None, grad_m, None)
 
 
 def dora_linear(
