@@ -23,8 +23,8 @@ network is used (``HF_HUB_OFFLINE=1``).
 
 Usage::
 
-    python benchmarks/bench.py                 # full run (2 CPU cores: ~3 min quiet, up to ~10 min noisy)
-    python benchmarks/bench.py --quick         # CI smoke (~1 min quiet, ~2.5 min noisy)
+    python benchmarks/bench.py                 # full run (2 CPU cores: ~8 min quiet, more when noisy)
+    python benchmarks/bench.py --quick         # CI smoke (~2.5 min on 2 CPU cores)
     python benchmarks/bench.py --cases train_step,get_peft_model --json out.json
     python benchmarks/bench.py --device cuda   # on a GPU machine
     python benchmarks/bench.py --child train_step peftkit --repeats 5   # one child alone (profiling)
@@ -42,6 +42,30 @@ Cases:
                     PeftModel.from_pretrained(fresh base, dir) (timed separately).
   train_memory      peak memory of a child that builds the 4-layer model and runs 3 steps
                     (one set of children, not repeated per round; --quick leaves out base).
+  dora_train_step   train_step with DoRA (use_dora=True, r=16, alpha=32, all linear layers);
+                    ``base`` as in train_step. Extra row "above base" as for mixed_batch (no target).
+  dora_eval_forward eval-mode forward under torch.no_grad of the same DoRA model, batch 4 x 128;
+                    ``base``: the plain model's eval forward. Extra row "above base" (no target).
+                    The plain forward is a floor: peftkit/peft can go no lower than base/peft.
+  mixed_batch       8 LoRA adapters (r=16, init_lora_weights=False, all linear layers) on the
+                    4-layer model, eval, no_grad forward of 16 x 64 tokens with adapter_names
+                    cycling over the 8 adapters. ``base``: the plain model's forward on the same
+                    batch. Extra row "cost above base": (lib - base) per repeat, and the ratio
+                    (peftkit - base) / (peft - base) of samples taken back to back.
+                    Checked once (untimed): the mixed output equals per-adapter runs.
+  switch_merged     hidden-2048 Llama (intermediate 5504, 2 layers, 16 heads, vocab 1000), two
+                    adapters "a", "b" (init_lora_weights=False, all linear layers), "a" merged.
+                    One sample = switch the merged adapter to the other one. peft:
+                    unmerge_adapter(); set_adapter(other); merge_adapter(). peftkit:
+                    base_model.swap_merged_adapter(other). Row switch_merged_3calls: peftkit with
+                    peft's three calls (no target; peft's column there is the same three calls).
+                    Each child takes both switches per sample (a -> b -> a), so pairs stay back
+                    to back. Checked once (untimed): merged weights after a switch equal the
+                    original weights plus the other adapter's delta.
+  weighted_svd      add_weighted_adapter(["a", "b"], [0.6, 0.4], "c<i>", combination_type="svd",
+                    svd_rank=16) on the 4-layer model with two r=16 adapters
+                    (init_lora_weights=False); the new adapter is deleted after each sample
+                    (untimed). Checked once: its delta is the rank-16 truncation of the weighted sum.
 
 Noise on shared cores: when a co-tenant loads one of the two vCPUs, 2-thread GEMMs wait on
 the slow thread and steps run up to ~10x slower for seconds at a time. Interleaving keeps the
@@ -64,7 +88,8 @@ import threading
 import time
 
 MARK = "@@BENCH@@ "
-CASES = ("train_step", "get_peft_model", "merge_and_unload", "save_load", "train_memory")
+CASES = ("train_step", "get_peft_model", "merge_and_unload", "save_load", "train_memory",
+         "dora_train_step", "dora_eval_forward", "mixed_batch", "switch_merged", "weighted_svd")
 LIBS = ("peftkit", "peft")
 BASE = "base"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,14 +100,23 @@ SMALL_LAYERS, BIG_LAYERS = 4, 24
 BATCH, SEQ = 4, 128
 RANK, ALPHA = 16, 32
 MEMORY_STEPS = 3
+MIXED_ADAPTERS, MIXED_BATCH, MIXED_SEQ = 8, 16, 64
+# switch_merged: a wider model, so that the weight passes dominate
+SWITCH_HIDDEN, SWITCH_INTERMEDIATE, SWITCH_LAYERS, SWITCH_HEADS, SWITCH_VOCAB = 2048, 5504, 2, 16, 1000
 
 # Timed samples per child, warm-up samples per child, and rounds (fresh sets of children).
 DEFAULT_REPEATS = {
-    "full": {"train_step": 8, "get_peft_model": 8, "merge_and_unload": 12, "save_load": 12, "train_memory": 1},
-    "quick": {"train_step": 2, "get_peft_model": 2, "merge_and_unload": 3, "save_load": 3, "train_memory": 1},
+    "full": {"train_step": 8, "get_peft_model": 8, "merge_and_unload": 12, "save_load": 12, "train_memory": 1,
+             "dora_train_step": 10, "dora_eval_forward": 15, "mixed_batch": 20, "switch_merged": 10,
+             "weighted_svd": 5},
+    "quick": {"train_step": 2, "get_peft_model": 2, "merge_and_unload": 3, "save_load": 3, "train_memory": 1,
+              "dora_train_step": 3, "dora_eval_forward": 6, "mixed_batch": 8, "switch_merged": 3,
+              "weighted_svd": 2},
 }
 DEFAULT_TRAIN_WARMUP = {"full": 2, "quick": 1}
-OTHER_WARMUP = {"train_step": None, "get_peft_model": 1, "merge_and_unload": 1, "save_load": 1, "train_memory": 0}
+OTHER_WARMUP = {"train_step": None, "get_peft_model": 1, "merge_and_unload": 1, "save_load": 1, "train_memory": 0,
+                "dora_train_step": None, "dora_eval_forward": 1, "mixed_batch": 1, "switch_merged": 1,
+                "weighted_svd": 1}
 DEFAULT_ROUNDS = {"full": 2, "quick": 1}
 
 # Targets on the ratio peftkit / peft (None: reported without a target).
@@ -93,8 +127,22 @@ TARGETS = {
     "save_pretrained": None,
     "from_pretrained": 1.0,
     "train_memory": 1.0,
+    "dora_train_step": 0.8,
+    "dora_train_step_above_base": None,
+    "dora_eval_forward": 0.6,
+    "dora_eval_forward_above_base": None,
+    "mixed_batch": 0.9,
+    "mixed_batch_above_base": 0.5,  # (peftkit - base) / (peft - base)
+    "switch_merged": 0.3,
+    "switch_merged_3calls": None,
+    "weighted_svd": 1.0,
 }
-TIME_METRICS = ("train_step", "get_peft_model", "merge_and_unload", "save_pretrained", "from_pretrained")
+TIME_METRICS = ("train_step", "get_peft_model", "merge_and_unload", "save_pretrained", "from_pretrained",
+                "dora_train_step", "dora_eval_forward", "mixed_batch", "switch_merged", "switch_merged_3calls",
+                "weighted_svd")
+# Derived rows: the cost above the base of a case with a base child, (lib - base) per repeat.
+ABOVE_BASE = {"dora_train_step": "dora_train_step_above_base", "dora_eval_forward": "dora_eval_forward_above_base",
+              "mixed_batch": "mixed_batch_above_base"}
 
 
 def _set_env(env: dict, threads: int) -> None:
@@ -175,14 +223,15 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    def build(layers: int, seed: int = 0) -> torch.nn.Module:
+    def build(layers: int, seed: int = 0, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE,
+              heads: int = HEADS, vocab: int = VOCAB) -> torch.nn.Module:
         cfg = LlamaConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=INTERMEDIATE,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
             num_hidden_layers=layers,
-            num_attention_heads=HEADS,
-            num_key_value_heads=HEADS,
-            vocab_size=VOCAB,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            vocab_size=vocab,
             max_position_embeddings=max(SEQ, 256),
             use_cache=False,
             tie_word_embeddings=False,
@@ -191,15 +240,25 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
         torch.manual_seed(seed)
         return LlamaForCausalLM(cfg).to(device)
 
-    def lora_config(init: bool = True):
+    def lora_config(init: bool = True, dora: bool = False):
         return L.LoraConfig(
             r=RANK,
             lora_alpha=ALPHA,
             lora_dropout=0.0,
             target_modules=list(TARGET_MODULES),
             init_lora_weights=init,
+            use_dora=dora,
             task_type="CAUSAL_LM",
         )
+
+    def lora_layers(model):
+        """(module, base weight) of every LoRA layer, found the same way in both libraries."""
+        return [(m, m.base_layer.weight) for m in model.modules()
+                if hasattr(m, "lora_A") and hasattr(m, "base_layer") and len(m.lora_A)]
+
+    def delta(m, adapter: str) -> torch.Tensor:
+        """s * B @ A of one plain LoRA Linear layer, from its parameters (library-agnostic)."""
+        return (m.lora_B[adapter].weight @ m.lora_A[adapter].weight) * m.scaling[adapter]
 
     def timed(fn):
         gc.collect()
@@ -212,7 +271,7 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     info: dict = {"import_s": import_s, "version": getattr(L, "__version__", None) if L else None,
                   "path": os.path.dirname(L.__file__) if L else None}
 
-    def train_setup():
+    def train_setup(dora: bool = False):
         """A step function for this lib: a LoRA step, or the frozen base's forward + backward."""
         model = build(SMALL_LAYERS)
         ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1234)).to(device)
@@ -227,7 +286,7 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
                 return loss.detach()
 
         else:
-            model = L.get_peft_model(model, lora_config())
+            model = L.get_peft_model(model, lora_config(dora=dora))
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -243,13 +302,153 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
 
     # Each case: setup here, then sample() -> {metric: seconds} (one repeat).
     cleanup = None
-    if case == "train_step":
-        step = train_setup()
+    if case in ("train_step", "dora_train_step"):
+        step = train_setup(dora=case == "dora_train_step")
 
         def sample():
             dt, loss = timed(step)
             info.setdefault("loss_first_step", float(loss))
-            return {"train_step": dt}
+            return {case: dt}
+
+    elif case == "dora_eval_forward":
+        model = build(SMALL_LAYERS)
+        if lib != BASE:
+            model = L.get_peft_model(model, lora_config(dora=True))
+        model.eval()
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1234)).to(device)
+
+        def forward():
+            with torch.no_grad():
+                return model(input_ids=ids).logits
+
+        # B = 0 at init and m = ||W||: the output is the base model's, the same in every child
+        info["logits_head"] = forward()[0, :4, :4].flatten().tolist()
+
+        def sample():
+            dt, _ = timed(forward)
+            return {"dora_eval_forward": dt}
+
+    elif case == "mixed_batch":
+        model = build(SMALL_LAYERS)
+        ids = torch.randint(0, VOCAB, (MIXED_BATCH, MIXED_SEQ), generator=torch.Generator().manual_seed(1234)).to(device)
+        names = [f"m{i % MIXED_ADAPTERS}" for i in range(MIXED_BATCH)]
+        if lib == BASE:
+            model.eval()
+
+            def forward():
+                with torch.no_grad():
+                    return model(input_ids=ids).logits
+
+        else:
+            model = L.get_peft_model(model, lora_config(init=False), adapter_name=names[0])
+            for n in names[1:MIXED_ADAPTERS]:
+                model.add_adapter(n, lora_config(init=False))
+            model.eval()
+
+            def forward():
+                with torch.no_grad():
+                    return model(input_ids=ids, adapter_names=names).logits
+
+            # untimed check: each row equals a run of its adapter alone on those rows
+            out = forward()
+            err = 0.0
+            with torch.no_grad():
+                for n in dict.fromkeys(names):
+                    rows = [i for i, x in enumerate(names) if x == n]
+                    model.set_adapter(n)
+                    ref = model(input_ids=ids[rows]).logits
+                    err = max(err, float((out[rows] - ref).abs().max()))
+                model.set_adapter(names[0])
+                with model.disable_adapter():
+                    plain = model(input_ids=ids).logits
+            info["mixed_max_err"] = err
+            info["mixed_vs_base_diff"] = float((out - plain).abs().max())  # > 0: the adapters do act
+            info["mixed_ok"] = err < 1e-3 * max(1.0, float(out.abs().max()))
+            del out, ref, plain
+
+        def sample():
+            dt, _ = timed(forward)
+            return {"mixed_batch": dt}
+
+    elif case == "switch_merged":
+        model = build(SWITCH_LAYERS, hidden=SWITCH_HIDDEN, intermediate=SWITCH_INTERMEDIATE, heads=SWITCH_HEADS,
+                      vocab=SWITCH_VOCAB)
+        model = L.get_peft_model(model, lora_config(init=False), adapter_name="a")
+        model.add_adapter("b", lora_config(init=False))
+        model.set_adapter("a")
+        model.eval()
+        layers = lora_layers(model)
+        info["lora_layers"] = len(layers)
+        original = [w.detach().clone() for _, w in layers]
+        model.merge_adapter()
+        state = {"cur": "a"}
+
+        def switch_3calls(other):
+            model.unmerge_adapter()
+            model.set_adapter(other)
+            model.merge_adapter()
+
+        def switch_fast(other):
+            if lib == "peftkit":
+                model.base_model.swap_merged_adapter(other)
+            else:
+                switch_3calls(other)
+
+        def check(label: str, fn) -> None:
+            """Switch once with fn (untimed) and compare every weight with original + the new delta."""
+            other = "b" if state["cur"] == "a" else "a"
+            with torch.no_grad():
+                fn(other)
+                state["cur"] = other
+                err = max(float((w - (w0 + delta(m, other).to(w.dtype))).abs().max())
+                          for (m, w), w0 in zip(layers, original))
+            info[f"switch_err_{label}"] = err
+            info["switch_ok"] = info.get("switch_ok", True) and err < 1e-4
+
+        check("fast", switch_fast)
+        if lib == "peftkit":
+            check("3calls", switch_3calls)
+        if state["cur"] != "a":
+            switch_fast("a")
+            state["cur"] = "a"
+        del original
+        counter = iter(range(10**6))
+
+        def sample():
+            # two switches per sample (a -> b -> a): the fast one and the three calls, the order
+            # alternating between samples; peft's "fast" path is its three calls
+            i = next(counter)
+            order = [("switch_merged", switch_fast), ("switch_merged_3calls", switch_3calls)]
+            out = {}
+            for metric, fn in (order if i % 2 == 0 else order[::-1]):
+                other = "b" if state["cur"] == "a" else "a"
+                dt, _ = timed(lambda: fn(other))
+                state["cur"] = other
+                out[metric] = dt
+            return out
+
+    elif case == "weighted_svd":
+        model = L.get_peft_model(build(SMALL_LAYERS), lora_config(init=False), adapter_name="a")
+        model.add_adapter("b", lora_config(init=False))
+        model.set_adapter("a")
+        counter = iter(range(10**6))
+
+        def sample():
+            name = f"c{next(counter)}"
+            dt, _ = timed(lambda: model.add_weighted_adapter(["a", "b"], [0.6, 0.4], name,
+                                                             combination_type="svd", svd_rank=RANK))
+            if "svd_rel_err" not in info:  # untimed check on one layer: best rank-16 approximation
+                m, _ = lora_layers(model)[0]
+                with torch.no_grad():
+                    # PEFT's svd combination: sum_i w_i * delta_i (delta_i = s_i B_i A_i), new scaling 1
+                    target = sum(w * delta(m, n) for n, w in (("a", 0.6), ("b", 0.4)))
+                    u, sv, vh = torch.linalg.svd(target.double(), full_matrices=False)
+                    best = (u[:, :RANK] * sv[:RANK]) @ vh[:RANK]
+                    got = delta(m, name).double()
+                    info["svd_rel_err"] = float((got - best).norm() / best.norm())
+                    info["svd_ok"] = info["svd_rel_err"] < 1e-3
+            model.delete_adapter(name)
+            return {"weighted_svd": dt}
 
     elif case == "train_memory":
         info["rss_after_import_mb"] = _proc_rss_mb()
@@ -384,7 +583,8 @@ class Child:
 
 
 def _libs_for(case: str, quick: bool) -> list[str]:
-    if case == "train_step" or (case == "train_memory" and not quick):
+    if case in ("train_step", "dora_train_step", "dora_eval_forward", "mixed_batch") or (
+            case == "train_memory" and not quick):
         return [*LIBS, BASE]
     return list(LIBS)
 
@@ -469,6 +669,8 @@ def summarise(children: list[dict], device: str) -> list[dict]:
                   "peftkit_over_base": _paired(per_round, "peftkit", BASE),
                   "peft_over_base": _paired(per_round, "peft", BASE)}
         rows.append(_row(metric, "time", med, by, ratios))
+        if metric in ABOVE_BASE:
+            rows.append(_above_base_row(ABOVE_BASE[metric], per_round))
     mem: dict[str, list[float]] = {}
     key = "cuda_peak_mb" if device == "cuda" else "peak_rss_mb"
     for ch in children:
@@ -480,6 +682,34 @@ def summarise(children: list[dict], device: str) -> list[dict]:
         ratios = {"ratio": _ratio(k, p), "peftkit_over_base": _ratio(k, b), "peft_over_base": _ratio(p, b)}
         rows.append(_row("train_memory", "memory", med, mem, ratios))
     return rows
+
+
+def _above_base_row(name: str, per_round: dict[int, dict[str, list[float]]]) -> dict:
+    """(lib - base) per repeat for each lib; ratio = median over repeats of (peftkit - base) / (peft - base).
+
+    Sample i of each child was taken back to back, so the differences and their ratio are per
+    repeat. A repeat whose peft - base is not positive (noise) has no ratio and is counted.
+    """
+    above: dict[str, list[float]] = {}
+    ratios: list[float] = []
+    skipped = 0
+    for libs in per_round.values():
+        if BASE not in libs:
+            continue
+        for lib in LIBS:
+            if lib in libs:
+                above.setdefault(lib, []).extend(a - b for a, b in zip(libs[lib], libs[BASE]))
+        if all(lib in libs for lib in LIBS):
+            for k, p, b in zip(libs["peftkit"], libs["peft"], libs[BASE]):
+                if p - b > 0:
+                    ratios.append((k - b) / (p - b))
+                else:
+                    skipped += 1
+    med = {lib: _median(xs) for lib, xs in above.items()}
+    row = _row(name, "derived", med, above, {"ratio": _median(ratios), "peftkit_over_base": None,
+                                              "peft_over_base": None})
+    row["skipped_repeats"] = skipped
+    return row
 
 
 def _row(metric: str, kind: str, med: dict, raw: dict, ratios: dict) -> dict:
@@ -500,6 +730,8 @@ def markdown(rows: list[dict], device: str) -> str:
     for r in rows:
         if r["kind"] == "memory":
             name, fmt = f"train_memory ({mem_label}, {MEMORY_STEPS} steps)", _fmt_mb
+        elif r["kind"] == "derived":
+            name, fmt = f"{r['case']} (lib − base; ratio of the differences)", _fmt_time
         else:
             name, fmt = r["case"], _fmt_time
         tgt = "—" if r["target"] is None else f"≤ {r['target']:.2f} " + ("(met)" if r["met"] else "(MISSED)")
@@ -543,6 +775,48 @@ def notes(rows: list[dict], children: list[dict]) -> str:
         imports.setdefault(c["lib"], []).append(c["info"]["import_s"])
     out.append("- child import time (untimed; children import concurrently): "
                + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in imports.items()))
+    dts = [c for c in children if c["case"] == "dora_train_step" and c["round"] == 0]
+    if dts:
+        out.append("- dora_train_step first-step loss (B = 0 at init, so all should agree): "
+                   + ", ".join(f"{c['lib']} {c['info']['loss_first_step']:.5f}" for c in dts
+                               if c["info"].get("loss_first_step") is not None))
+    dev = {c["lib"]: c["info"]["logits_head"] for c in children
+           if c["case"] == "dora_eval_forward" and c["round"] == 0 and "logits_head" in c["info"]}
+    if len(dev) >= 2:
+        ref = next(iter(dev.values()))
+        diff = max(abs(a - b) for v in dev.values() for a, b in zip(v, ref))
+        out.append(f"- dora_eval_forward: logits of {', '.join(dev)} (B = 0 at init) differ by at most {diff:.2e}")
+    for case, derived in ABOVE_BASE.items():
+        r = by.get(derived)
+        if not r or not by[case]["base"]:
+            continue
+        base = by[case]["base"]
+        parts = [f"{lib} {_fmt_time(r[lib])} ({r[lib] / base * 100:+.0f}% of base)" for lib in LIBS
+                 if r.get(lib) is not None]
+        floor = _ratio(1.0, by[case]["peft_over_base"])  # median of per-repeat base / peft
+        out.append(f"- {case} cost above the base (median of per-repeat lib - base): " + ", ".join(parts)
+                   + (f"; floor of peftkit/peft (base/peft) {floor:.3f}" if floor else "")
+                   + (f"; {r['skipped_repeats']} repeat(s) with peft <= base left out of the ratio"
+                      if r["skipped_repeats"] else ""))
+    checks = [("mixed_batch", "mixed_ok", "mixed_max_err",
+               "mixed-batch output equals per-adapter runs (max abs diff)"),
+              ("switch_merged", "switch_ok", "switch_err_fast",
+               "weights after a switch equal original + other adapter's delta (max abs diff, fast path)"),
+              ("weighted_svd", "svd_ok", "svd_rel_err",
+               "svd adapter's delta is the rank-16 truncation of the weighted sum (relative error, one layer)")]
+    for case, flag, val, text in checks:
+        cs = [c for c in children if c["case"] == case and flag in c["info"]]
+        if cs:
+            agg: dict[str, tuple[bool, float]] = {}
+            for c in cs:
+                ok, v = agg.get(c["lib"], (True, 0.0))
+                agg[c["lib"]] = (ok and bool(c["info"][flag]), max(v, c["info"].get(val, 0.0)))
+            extra = ""
+            if case == "switch_merged":
+                e3 = [c["info"]["switch_err_3calls"] for c in cs if "switch_err_3calls" in c["info"]]
+                if e3:
+                    extra = f"; peftkit three calls {max(e3):.1e}"
+            out.append(f"- {case}: {text}: " + ", ".join(f"{k}={ok} ({v:.1e})" for k, (ok, v) in agg.items()) + extra)
     sl = [c for c in children if c["case"] == "save_load"]
     if sl:
         ok: dict[str, bool] = {}
@@ -566,7 +840,7 @@ def _provenance(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats, one round (CI smoke, ~2 min)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, one round (CI smoke, ~2.5 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     ap.add_argument("--repeats", type=int, default=None, help="timed samples per child (default: per case)")
