@@ -1,13 +1,24 @@
-"""The fused LoRA linear matches its plain-torch definition, values and gradients."""
+"""The fused LoRA and DoRA linears match their plain-torch definitions, values and gradients.
+
+In float64, so that a mismatch is a wrong formula, not a different summation order."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from peftkit.kernels.lora import lora_linear, lora_linear_reference
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 @settings(max_examples=30, deadline=None)
@@ -30,9 +41,9 @@ def test_matches_reference(n, t, fan_in, fan_out, r, scale, with_bias, transpose
         out.backward(torch.ones_like(out))
         outs.append(out)
         grads.append((x.grad, a.grad, b.grad))
-    assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    assert_close(outs[0], outs[1], atol=1e-9, rtol=1e-9)
     for g0, g1 in zip(*grads):
-        assert_close(g0, g1, atol=1e-4, rtol=1e-4)
+        assert_close(g0, g1, atol=1e-9, rtol=1e-9)
 
 
 @settings(max_examples=25, deadline=None)
@@ -58,6 +69,6 @@ def test_dora_matches_reference(n, fan_in, fan_out, r, scale, with_bias, seed):
         out.backward(torch.cos(out.detach()))
         outs.append(out)
         grads.append((x.grad, a.grad, b.grad, m.grad))
-    assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    assert_close(outs[0], outs[1], atol=1e-9, rtol=1e-9)
     for g0, g1 in zip(*grads):
-        assert_close(g0, g1, atol=1e-4, rtol=1e-4)
+        assert_close(g0, g1, atol=1e-9, rtol=1e-9)
