@@ -63,8 +63,3 @@ def get_method(peft_type: str | PeftType) -> MethodSpec:
         known = ", ".join(sorted(_METHODS))
         raise ValueError(f"Unknown peft_type {key!r}: peftkit knows {known}.") from None
 
-
-def known_methods() -> list[str]:
-    from . import methods  # noqa: F401
-
-    return sorted(_METHODS)
