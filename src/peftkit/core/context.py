@@ -17,6 +17,14 @@ _ADAPTER_NAMES: contextvars.ContextVar[Sequence[str] | None] = contextvars.Conte
 BASE_ADAPTER = "__base__"  # in ``adapter_names``: this sample runs the base model alone
 
 
+def group_rows(names: Sequence[str]) -> dict[str, list[int]]:
+    """Adapter name -> the batch rows that use it, in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    return groups
+
+
 def current_adapter_names() -> Sequence[str] | None:
     return _ADAPTER_NAMES.get()
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .base_ops import BaseOps, ops_for
-from .context import BASE_ADAPTER, current_adapter_names
+from .context import BASE_ADAPTER, current_adapter_names, group_rows
 
 
 class AdapterLayer(nn.Module):
@@ -199,11 +199,8 @@ class AdapterLayer(nn.Module):
         fast = self.mixed_adapt(names, x, out)
         if fast is not None:
             return fast
-        groups: dict[str, list[int]] = {}
-        for i, name in enumerate(names):
-            groups.setdefault(name, []).append(i)
         out = out.clone()
-        for name, rows in groups.items():
+        for name, rows in group_rows(names).items():
             if name == BASE_ADAPTER or name not in self.adapters:
                 continue
             idx = torch.tensor(rows, device=x.device)
@@ -256,18 +253,15 @@ class AdapterLayer(nn.Module):
 
     def swap_merged(self, adapter: str) -> None:
         """Replace whatever is merged here by ``adapter``, in one pass over the weight where the method can."""
+        present = adapter in self.adapters
         with torch.no_grad():
             w = self._weight2d()
-            old = list(self.merged_adapters)
-            if adapter in self.adapters and not self.swap_into(old, adapter, w):
+            if not (present and self.swap_into(self.merged_adapters, adapter, w)):
                 while self.merged_adapters:
                     self._merge_one(self.merged_adapters.pop(), w, -1.0)
-                self._merge_one(adapter, w, 1.0)
-            elif adapter not in self.adapters:
-                while self.merged_adapters:
-                    self._merge_one(self.merged_adapters.pop(), w, -1.0)
-                return
-            self.merged_adapters = [adapter]
+                if present:
+                    self._merge_one(adapter, w, 1.0)
+        self.merged_adapters = [adapter] if present else []
 
     def swap_into(self, old: Sequence[str], new: str, w2d: torch.Tensor) -> bool:
         """Method hook: remove ``old`` and add ``new`` to ``w2d`` in one step; False if not possible."""

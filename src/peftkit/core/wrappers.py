@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .context import BASE_ADAPTER, current_adapter_names
+from .context import BASE_ADAPTER, current_adapter_names, group_rows
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -70,10 +70,7 @@ class ModulesToSaveWrapper(nn.Module):
         if len(names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]}.")
         outs: list[torch.Tensor | None] = [None] * len(names)
-        groups: dict[str, list[int]] = {}
-        for i, name in enumerate(names):
-            groups.setdefault(name, []).append(i)
-        for name, rows in groups.items():
+        for name, rows in group_rows(names).items():
             module = self.modules_to_save[name] if name in self.modules_to_save and name != BASE_ADAPTER else self.original_module
             res = module(x[rows], *args, **kwargs)
             for j, i in enumerate(rows):
