@@ -22,6 +22,7 @@ from .core.tuner import AdapterModel
 from .core.wrappers import ModulesToSaveWrapper
 from .mapping import get_peft_model, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from .methods.lora import LoraConfig, LoraLayer
+from .methods.shira import ShiraConfig, ShiraLayer
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -33,7 +34,8 @@ from .peft_model import (
 )
 from .types import PeftType, TaskType
 
-LoraModel = AdapterModel  # PEFT's name for the LoRA engine
+LoraModel = AdapterModel  # PEFT's names for the per-method engines
+ShiraModel = AdapterModel
 
 __all__ = [
     "AdapterLayer",
@@ -63,4 +65,7 @@ __all__ = [
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "set_peft_model_state_dict",
+    "ShiraConfig",
+    "ShiraLayer",
+    "ShiraModel",
 ]

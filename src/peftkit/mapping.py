@@ -104,7 +104,8 @@ def get_peft_model_state_dict(
         for key, slot in embedding_slots(tuner, targeted).items():
             slots.setdefault(key, slot)
     if state_dict is not None:
-        return {k: state_dict[s.mem_key] for k, s in slots.items()}
+        # tensors kept out of state_dict() (SHiRA's positions) are read from the model
+        return {k: state_dict[s.mem_key] if s.mem_key in state_dict else s.get().detach() for k, s in slots.items()}
     return {k: s.get().detach() for k, s in slots.items()}
 
 
@@ -132,7 +133,7 @@ def set_peft_model_state_dict(
     missing = [s.mem_key for k, s in slots.items() if k not in state]
     mismatched = []
     for key, value in state.items():
-        if key in slots and tuple(slots[key].get().shape) != tuple(value.shape):
+        if key in slots and not slots[key].file_sized and tuple(slots[key].get().shape) != tuple(value.shape):
             mismatched.append(f"{key}: file {tuple(value.shape)}, model {tuple(slots[key].get().shape)}")
     if mismatched and not ignore_mismatched_sizes:
         raise ValueError(
@@ -141,10 +142,21 @@ def set_peft_model_state_dict(
             + (f"; and {len(mismatched) - 5} more" if len(mismatched) > 5 else "")
         )
     skip = {m.split(":")[0] for m in mismatched}
+    _check_layer_states(slots, state, skip)
     for key, value in state.items():
         if key in slots and key not in skip:
             slots[key].set(value)
     return LoadResult(missing, unexpected)
+
+
+def _check_layer_states(slots: dict, state: dict[str, torch.Tensor], skip: set[str]) -> None:
+    """Let each adapter layer refuse tensors that do not fit together, before anything is set."""
+    per_layer: dict[int, tuple[Any, dict[str, torch.Tensor]]] = {}
+    for key, slot in slots.items():
+        if slot.layer is not None and key in state and key not in skip:
+            per_layer.setdefault(id(slot.layer), (slot.layer, {}))[1][key] = state[key]
+    for layer, tensors in per_layer.values():
+        layer.check_state(tensors)
 
 
 def _vocab_resized(model: nn.Module, config: PeftConfig) -> bool:

@@ -20,6 +20,31 @@ from .base_ops import BaseOps, ops_for
 from .context import BASE_ADAPTER, current_adapter_names, group_rows
 
 
+class BufferDict(nn.Module):
+    """Per-adapter tensors that follow ``.to()`` but are not parameters (SHiRA's positions).
+
+    They are kept out of ``state_dict()`` (as PEFT keeps them); adapter files carry them.
+    """
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._buffers[key]
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.register_buffer(key, value, persistent=False)
+
+    def __delitem__(self, key: str) -> None:
+        del self._buffers[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buffers
+
+    def keys(self) -> Iterable[str]:
+        return self._buffers.keys()
+
+    def items(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return self._buffers.items()
+
+
 class AdapterLayer(nn.Module):
     """Wraps one base layer and holds any number of named adapters of one method.
 
@@ -30,14 +55,20 @@ class AdapterLayer(nn.Module):
     prefix: ClassVar[str] = ""
     # Attributes holding per-adapter parameters (ModuleDict / ParameterDict): saved, trainable.
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    # Attributes holding per-adapter tensors that are saved but never trained (``BufferDict``).
+    buffer_attrs: ClassVar[tuple[str, ...]] = ()
     # Attributes holding other per-adapter state (plain dicts or parameter-free ModuleDicts).
     other_attrs: ClassVar[tuple[str, ...]] = ()
+    # Base layer kinds (``BaseOps.kind``) the method can adapt.
+    supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "embedding", "conv")
+    # Saved tensors whose size comes from the file when loading (not from the config).
+    file_sized_attrs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base_layer: nn.Module, ops: BaseOps | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         ops = ops or ops_for(base_layer)
-        if ops is None:
+        if ops is None or ops.kind not in self.supported_kinds:
             raise TypeError(f"{type(self).__name__} cannot wrap a {type(base_layer).__name__}.")
         self.ops = ops
         self.in_features = ops.in_features
@@ -75,6 +106,9 @@ class AdapterLayer(nn.Module):
     def bias_delta(self, adapter: str) -> torch.Tensor | None:
         """The adapter's change to the base bias, if it has one (LoRA's ``lora_bias``)."""
         return None
+
+    def check_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Raise if this layer's tensors about to be loaded (checkpoint key -> tensor) do not fit together."""
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -157,7 +191,7 @@ class AdapterLayer(nn.Module):
         """Remove every trace of one adapter; a deleted active adapter hands over to another."""
         if adapter in self.merged_adapters:
             raise ValueError(f"Adapter {adapter!r} is merged: unmerge it before deleting it.")
-        for attr in self.adapter_attrs + self.other_attrs:
+        for attr in self.adapter_attrs + self.buffer_attrs + self.other_attrs:
             container = getattr(self, attr, None)
             if container is not None and adapter in container:
                 del container[adapter]

@@ -28,6 +28,13 @@ from .wrappers import ModulesToSaveWrapper
 _WRAPPERS = (AdapterLayer, ModulesToSaveWrapper)
 
 
+_KIND_NAMES = {"linear": "nn.Linear, transformers Conv1D", "embedding": "nn.Embedding", "conv": "nn.Conv1d/2d/3d"}
+
+
+def _kinds_text(kinds: Sequence[str]) -> str:
+    return " and ".join(", ".join(_KIND_NAMES[k] for k in kinds).rsplit(", ", 1))
+
+
 def parent_of(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     parent_name, _, child = key.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -181,10 +188,10 @@ class AdapterModel(nn.Module):
             if isinstance(module, AdapterLayer):
                 if not isinstance(module, spec.layer):
                     raise TypeError(f"{key} already holds a {type(module).__name__}; cannot add {spec.layer.__name__}.")
-            elif ops_for(module) is None:
+            elif getattr(ops_for(module), "kind", None) not in spec.layer.supported_kinds:
                 raise TypeError(
-                    f"Target module {key} is a {type(module).__name__}; {config.peft_type} adapts nn.Linear, "
-                    "transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d. Narrow target_modules."
+                    f"Target module {key} is a {type(module).__name__}; {config.peft_type} adapts "
+                    f"{_kinds_text(spec.layer.supported_kinds)}. Narrow target_modules."
                 )
         self._sync_fan_in_fan_out(config, [m for _, m in targets])
 

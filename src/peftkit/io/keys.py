@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.layer import AdapterLayer
+from ..core.layer import AdapterLayer, BufferDict
 from ..core.tuner import AdapterModel, top_level_modules
 from ..core.wrappers import ModulesToSaveWrapper
 
@@ -35,24 +35,33 @@ class Slot:
     leaf: str
     mem_key: str
     layer: AdapterLayer | None = None
+    file_sized: bool = False  # the file decides its size (SHiRA's entry count)
 
     def get(self) -> torch.Tensor:
-        return self.owner[self.leaf] if isinstance(self.owner, nn.ParameterDict) else getattr(self.owner, self.leaf)
+        if isinstance(self.owner, (nn.ParameterDict, BufferDict)):
+            return self.owner[self.leaf]
+        return getattr(self.owner, self.leaf)
 
     def set(self, value: torch.Tensor) -> None:
-        """Put a tensor in place: copy into a real parameter, or replace a meta one."""
+        """Put a tensor in place: copy into a real one of the same shape, or replace a meta one.
+
+        Integer tensors (positions) keep their own dtype, whatever dtype the file used.
+        """
         old = self.get()
         with torch.no_grad():
             if old.device.type != "meta" and old.shape == value.shape:
                 old.copy_(value)
                 return
-            if self.layer is not None:
-                device = self.layer.base_layer.weight.device
-                dtype = self.layer.adapter_dtype() if value.is_floating_point() else value.dtype
+            if not old.is_floating_point():
+                dtype = old.dtype
+            elif self.layer is not None:
+                dtype = self.layer.adapter_dtype()
             else:
-                device, dtype = old.device, old.dtype
-            new = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=old.requires_grad)
-        if isinstance(self.owner, nn.ParameterDict):
+                dtype = old.dtype
+            device = self.layer.base_layer.weight.device if self.layer is not None else old.device
+            value = value.to(device=device, dtype=dtype)
+            new = value if isinstance(self.owner, BufferDict) else nn.Parameter(value, requires_grad=old.requires_grad)
+        if isinstance(self.owner, (nn.ParameterDict, BufferDict)):
             self.owner[self.leaf] = new
         else:
             setattr(self.owner, self.leaf, new)
@@ -64,14 +73,15 @@ def adapter_key_map(tuner: AdapterModel, adapter: str) -> dict[str, Slot]:
     for path, module in top_level_modules(tuner.model):
         base = path + "." if path else ""
         if isinstance(module, AdapterLayer):
-            for attr in module.adapter_attrs:
+            for attr in module.adapter_attrs + module.buffer_attrs:
                 container = getattr(module, attr)
                 if adapter not in container:
                     continue
                 entry = container[adapter]
                 mem = f"{PREFIX}{base}{attr}.{adapter}"
-                if isinstance(entry, nn.Parameter):
-                    out[PREFIX + base + module.checkpoint_name(attr)] = Slot(container, adapter, mem, module)
+                if isinstance(entry, torch.Tensor):
+                    sized = attr in module.file_sized_attrs
+                    out[PREFIX + base + module.checkpoint_name(attr)] = Slot(container, adapter, mem, module, sized)
                 else:
                     for sub, owner, leaf in _tensors(entry):
                         ckpt = PREFIX + base + module.checkpoint_name(attr, sub)

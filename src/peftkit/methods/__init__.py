@@ -1,3 +1,4 @@
 """The adapter methods; importing this package registers each of them."""
 
 from . import lora  # noqa: F401
+from . import shira  # noqa: F401
