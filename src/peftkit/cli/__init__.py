@@ -1,4 +1,4 @@
-"""The ``peftkit`` command: ``peftkit demo``, ``peftkit inspect``."""
+"""The ``peftkit`` command: ``peftkit demo``, ``peftkit fusion``, ``peftkit inspect``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="LoRA fine-tune of all-MiniLM-L6-v2 on the SMS Spam Collection.")
-    demo.add_argument("--method", default="lora", help="adapter method (lora)")
+    demo.add_argument("--method", default="lora", choices=["lora", "shira"], help="adapter method")
     demo.add_argument("--steps", type=int, default=150, help="optimiser steps (default 150)")
     demo.add_argument("--out", default="out/demo-adapter", help="where to save the adapter")
     demo.add_argument("--batch-size", type=int, default=16)
@@ -19,6 +19,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     demo.add_argument("--eval-limit", type=int, default=0, help="evaluate on this many held-out messages (0: all)")
+
+    fusion = sub.add_parser("fusion", help="Fuse two task adapters (SMS spam, sentiment): SHiRA next to LoRA.")
+    fusion.add_argument("--methods", default="shira,lora", help="comma-separated: shira, lora")
+    fusion.add_argument("--steps", type=int, default=150, help="optimiser steps per task (default 150)")
+    fusion.add_argument("--r", type=int, default=8, help="LoRA rank; SHiRA trains r·(m+n) entries per layer")
+    fusion.add_argument("--batch-size", type=int, default=16)
+    fusion.add_argument("--lora-lr", type=float, default=3e-3)
+    fusion.add_argument("--shira-lr", type=float, default=3e-3)
+    fusion.add_argument("--seed", type=int, default=0)
+    fusion.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    fusion.add_argument("--eval-limit", type=int, default=0, help="evaluate on this many held-out examples (0: all)")
 
     inspect = sub.add_parser("inspect", help="Show an adapter folder's config and tensors.")
     inspect.add_argument("path")
@@ -28,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(args)
+    if args.command == "fusion":
+        from .fusion import run_fusion
+
+        return run_fusion(args)
     from .inspect import run_inspect
 
     return run_inspect(args.path)

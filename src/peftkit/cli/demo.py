@@ -85,14 +85,14 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
 
 
 def make_config(method: str):
-    from .. import LoraConfig, TaskType
+    from .. import LoraConfig, ShiraConfig, TaskType
 
+    targets = ["query", "key", "value", "dense"]
     if method == "lora":
-        return LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.05,
-            target_modules=["query", "key", "value", "dense"],
-        )
-    raise SystemExit(f"--method {method!r} is not available in the demo yet; use --method lora.")
+        return LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets)
+    if method == "shira":  # the same parameter count as the LoRA above
+        return ShiraConfig(task_type=TaskType.SEQ_CLS, r=8, target_modules=targets, random_seed=0)
+    raise SystemExit(f"--method {method!r} is not available in the demo; use lora or shira.")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -122,7 +122,7 @@ def run_demo(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="LoRA fine-tune", unit="step")
+    bar = tqdm(range(args.steps), desc=f"{args.method} fine-tune", unit="step")
     running = None
     for _ in bar:
         batch = rng.sample(train, args.batch_size)

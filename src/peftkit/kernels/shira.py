@@ -22,12 +22,15 @@ atomic for threads sharing one model.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 _PATCH_LOCK = threading.RLock()
+# torch flags every CSR tensor as "beta"; the few operations used here are tested against a dense reference
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
 @dataclass
@@ -76,11 +79,11 @@ class SparsePattern:
     def sampled_grad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``(gᵀ x)[i, j]`` at the pattern's positions, in file order; g (N, out), x (N, in)."""
         dtype = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
-        empty = torch.sparse_csr_tensor(
-            self.crow, self.col, torch.empty(self.col.numel(), dtype=dtype, device=g.device), self.shape,
+        zeros = torch.sparse_csr_tensor(  # zeros, not empty: beta=0 still multiplies (0·NaN = NaN)
+            self.crow, self.col, torch.zeros(self.col.numel(), dtype=dtype, device=g.device), self.shape,
             check_invariants=False,
         )
-        vals = torch.sparse.sampled_addmm(empty, g.t().to(dtype), x.to(dtype), beta=0.0).values()
+        vals = torch.sparse.sampled_addmm(zeros, g.t().to(dtype), x.to(dtype), beta=0.0).values()
         if self.order is None:
             return vals
         return torch.empty_like(vals).index_copy_(0, self.order, vals)
