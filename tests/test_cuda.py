@@ -87,3 +87,50 @@ def test_saved_on_gpu_loads_on_cpu(tmp_path) -> None:
     batch = inputs("llama")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, ours.cpu()(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+def _shira_pair(dtype: torch.dtype = torch.float32):
+    """The same SHiRA adapter (peft's positions and values) in both libraries, on the GPU."""
+    import warnings
+
+    import peft
+
+    import peftkit
+
+    cfg = {"r": 2, "target_modules": ["q_proj", "v_proj", "down_proj"], "init_weights": False, "random_seed": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(build("llama"), peft.ShiraConfig(**cfg)).eval()
+        ours = peftkit.get_peft_model(build("llama"), peftkit.ShiraConfig(**cfg)).eval()
+    state = peft.get_peft_model_state_dict(ref)
+    peftkit.set_peft_model_state_dict(ours, state)
+    return ref.to(CUDA, dtype), ours.to(CUDA, dtype)
+
+
+def test_shira_forward_backward_merge_on_gpu() -> None:
+    ref, ours = _shira_pair()
+    batch = _on(inputs("llama"))
+    batch["labels"] = batch["input_ids"]
+    out_ref, out = ref(**batch), ours(**batch)
+    torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-4, atol=1e-5)
+    out_ref.loss.backward()
+    out.loss.backward()
+    g_ref = {k: p.grad for k, p in ref.named_parameters() if p.requires_grad}
+    g = {k: p.grad for k, p in ours.named_parameters() if p.requires_grad}
+    assert g.keys() == g_ref.keys()
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-3, atol=1e-5, msg=k)
+    before = {k: v.clone() for k, v in ours.base_model.model.state_dict().items() if "base_layer" in k}
+    with torch.no_grad():
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(**batch).logits, out.logits, rtol=1e-4, atol=1e-5)
+        ours.unmerge_adapter()
+    after = {k: v for k, v in ours.base_model.model.state_dict().items() if "base_layer" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_shira_bf16_on_gpu() -> None:
+    ref, ours = _shira_pair(torch.bfloat16)
+    batch = _on(inputs("llama"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, ref(**batch).logits, rtol=2e-2, atol=2e-2)
