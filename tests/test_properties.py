@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
@@ -82,3 +82,42 @@ def test_save_load_roundtrip(tmp_path_factory, kind, shape, r, seed):
     model.save_pretrained(path)
     loaded = peftkit.PeftModel.from_pretrained(fresh, path)
     assert_close(loaded(x), model(x))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    kind=st.sampled_from(["linear", "conv1d"]),
+    shape=shapes,
+    r=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+    random_seed=st.one_of(st.none(), st.integers(0, 2**31)),
+    scale=st.sampled_from([1.0, 0.5, 2.0]),
+)
+def test_shira_merge_unmerge_exact_and_merged_equals_unmerged(kind, shape, r, seed, random_seed, scale):
+    fan_in, fan_out = shape
+    r = min(r, fan_in * fan_out // (fan_in + fan_out))  # r·(m+n) entries must fit in the weight
+    assume(r >= 1)
+    torch.manual_seed(seed)
+    model = peftkit.get_peft_model(
+        _model(kind, fan_in, fan_out),
+        peftkit.ShiraConfig(r=r, random_seed=random_seed, target_modules=["0"], init_weights=False),
+    )
+    layer = model.base_model.model[0]
+    layer.set_scale("default", scale)
+    idx = layer.shira_indices["default"]
+    weight = layer.base_layer.weight
+    assert idx.shape == (2, r * (fan_in + fan_out))
+    assert int(idx[0].max()) < weight.shape[0] and int(idx[1].max()) < weight.shape[1]
+    flat = idx[0].long() * weight.shape[1] + idx[1].long()
+    assert torch.equal(flat, torch.unique(flat))
+    original = weight.detach().clone()
+    x = _input(kind, fan_in)
+    out = model(x)
+    model.merge_adapter()
+    assert_close(model(x), out, atol=1e-5, rtol=1e-5)
+    delta = layer.get_delta_weight("default")
+    assert delta.shape == weight.shape
+    assert_close(weight.detach(), original + delta, atol=1e-6, rtol=1e-6)
+    model.unmerge_adapter()
+    assert torch.equal(layer.base_layer.weight, original)  # exact, not W + d - d
+    assert_close(model(x), out)

@@ -80,6 +80,11 @@ class MethodCase:
     # Several active adapters merge to what they compute unmerged (false for DoRA: each adapter's
     # norm is taken against the base weight, so stacked DoRA adapters do not compose linearly).
     stackable: bool = True
+    # The base kinds (``BaseCase.name``) the method adapts; None: all of them.
+    kinds: tuple[str, ...] | None = None
+
+    def supports(self, base: BaseCase) -> bool:
+        return self.kinds is None or base.name in self.kinds
 
 
 def _lora(target: str, init: bool = False, **kw) -> peftkit.PeftConfig:
@@ -90,7 +95,16 @@ def _dora(target: str, init: bool = False) -> peftkit.PeftConfig:
     return _lora(target, init, use_dora=True)
 
 
-METHODS = [MethodCase("lora", _lora), MethodCase("dora", _dora, stackable=False)]
+def _shira(target: str, init: bool = False) -> peftkit.PeftConfig:
+    # random_seed=None: the mask follows torch.manual_seed, so a second adapter gets its own mask
+    return peftkit.ShiraConfig(r=2, target_modules=[target], init_weights=init)
+
+
+METHODS = [
+    MethodCase("lora", _lora),
+    MethodCase("dora", _dora, stackable=False),
+    MethodCase("shira", _shira, kinds=("linear", "conv1d")),  # nn.Linear and transformers Conv1D only
+]
 
 
 def fresh(base: BaseCase, seed: int = 0) -> nn.Module:

@@ -14,7 +14,8 @@ from peftkit.registry import get_method
 
 from .models import BASES, METHODS, fresh
 
-CASES = [pytest.param(m, b, id=f"{m.name}-{b.name}") for m in METHODS for b in BASES]
+CASES = [pytest.param(m, b, id=f"{m.name}-{b.name}") for m in METHODS for b in BASES if m.supports(b)]
+UNSUPPORTED = [pytest.param(m, b, id=f"{m.name}-{b.name}") for m in METHODS for b in BASES if not m.supports(b)]
 
 
 def _peft(method, base, init=False, seed=0):
@@ -161,3 +162,14 @@ def test_only_adapter_parameters_train(method, base):
             assert p.grad is not None
         else:
             assert p.grad is None
+
+
+@pytest.mark.parametrize("method,base", UNSUPPORTED)
+def test_unsupported_kind_raises_and_changes_nothing(method, base):
+    model = fresh(base)
+    reference = copy.deepcopy(model)
+    with pytest.raises(TypeError, match=f"Target module {base.target} is a"):
+        peftkit.get_peft_model(model, method.config(base.target, False))
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+    x = base.make_input(2)
+    assert_close(model(x), reference(x))

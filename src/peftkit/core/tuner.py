@@ -151,7 +151,10 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------------ building
     def prepare_config(self, config: PeftConfig, spec: MethodSpec) -> PeftConfig:
+        fields = {f.name for f in dataclasses.fields(config)}
+        extras = {k: v for k, v in vars(config).items() if k not in fields}  # e.g. SHiRA's mask_fn
         config = dataclasses.replace(config)  # the caller's object stays as it was
+        vars(config).update(extras)
         targets = getattr(config, "target_modules", None)
         if targets is None and spec.default_targets is not None:
             model_type = getattr(getattr(self.model, "config", None), "model_type", None)
@@ -198,22 +201,40 @@ class AdapterModel(nn.Module):
         self.peft_config[adapter_name] = config
         device = torch.device("meta") if low_cpu_mem_usage else None
         active = self.active_adapters
-        for key, module in targets:
-            kwargs = spec.per_layer(config, key) if spec.per_layer else {}
-            if isinstance(module, AdapterLayer):
-                module.add_adapter(adapter_name, config, device=device, **kwargs)
-                continue
-            layer = spec.layer(module)
-            layer.active_adapters = [a for a in active]
-            layer.add_adapter(adapter_name, config, device=device, **kwargs)
-            layer.train(module.training)
-            parent, child = parent_of(self.model, key)
-            setattr(parent, child, layer)
+        done: list[tuple[str, nn.Module]] = []
+        try:
+            for key, module in targets:
+                kwargs = spec.per_layer(config, key) if spec.per_layer else {}
+                if isinstance(module, AdapterLayer):
+                    done.append((key, module))
+                    module.add_adapter(adapter_name, config, device=device, **kwargs)
+                    continue
+                layer = spec.layer(module)
+                layer.active_adapters = [a for a in active]
+                layer.add_adapter(adapter_name, config, device=device, **kwargs)
+                layer.train(module.training)
+                parent, child = parent_of(self.model, key)
+                setattr(parent, child, layer)
+                done.append((key, module))
+        except BaseException:
+            self._undo_inject(adapter_name, done)
+            raise
         self._mark_trainable(spec, config)
         if getattr(config, "modules_to_save", None):
             self._wrap_modules_to_save(adapter_name, config.modules_to_save)
         if config.inference_mode:
             self.freeze_adapter(adapter_name)
+
+    def _undo_inject(self, adapter_name: str, done: list[tuple[str, nn.Module]]) -> None:
+        """Take a half-injected adapter out again: the model is as it was before ``inject_adapter``."""
+        del self.peft_config[adapter_name]
+        for key, module in done:
+            if isinstance(module, AdapterLayer):  # an existing layer: drop the new adapter only
+                if adapter_name in module.adapters:
+                    module.delete_adapter(adapter_name)
+            else:  # a plain module that was wrapped: put it back
+                parent, child = parent_of(self.model, key)
+                setattr(parent, child, module)
 
     @staticmethod
     def _sync_fan_in_fan_out(config: PeftConfig, modules: list[nn.Module]) -> None:
