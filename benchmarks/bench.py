@@ -23,11 +23,14 @@ network is used (``HF_HUB_OFFLINE=1``).
 
 Usage::
 
-    python benchmarks/bench.py                 # full run (2 CPU cores: ~8 min quiet, more when noisy)
-    python benchmarks/bench.py --quick         # CI smoke (~2.5 min on 2 CPU cores)
+    python benchmarks/bench.py                 # full run (2 CPU cores: ~13 min quiet, 5 of them the
+                                               # shira_* cases; more when noisy)
+    python benchmarks/bench.py --quick         # CI smoke (~5 min on 2 CPU cores, 2.5 of them shira_*)
     python benchmarks/bench.py --cases train_step,get_peft_model --json out.json
     python benchmarks/bench.py --device cuda   # on a GPU machine
     python benchmarks/bench.py --child train_step peftkit --repeats 5   # one child alone (profiling)
+    python benchmarks/bench.py --quick --cases shira   # all shira_* cases ("shira" expands to them)
+    python benchmarks/bench.py --child shira_switch_merged peftkit_lora   # a SHiRA case's LoRA reference alone
     PYTHONPATH=/path/to/checkout/src python benchmarks/bench.py   # measure another peftkit tree
                                                                    # (its path and git commit are printed)
 
@@ -67,6 +70,35 @@ Cases:
                     (init_lora_weights=False); the new adapter is deleted after each sample
                     (untimed). Checked once: its delta is the rank-16 truncation of the weighted sum.
 
+SHiRA cases (the shira_* cases): peftkit's SHiRA is compared with more than peft's SHiRA, so these
+cases run extra children: ``peftkit`` and ``peft`` run SHiRA (ShiraConfig(r=16, all linear layers,
+random_seed=42; init_weights=True unless said)), ``peftkit_lora`` / ``peft_lora`` run LoRA r=16,
+alpha=32 (the same trainable-parameter count, r·(m+n) per layer) with the same library, and ``base``
+as in train_step. Every child imports only its own library, and all of a case's children are
+interleaved as above. Their results go to a second table, one row per (metric, reference): the
+paired ratio peftkit SHiRA / reference, checked against SHIRA_TARGETS (pairs without a target are
+shown for context).
+  shira_train_step      train_step with SHiRA (init 0, so the first-step loss equals the base's);
+                        children peftkit, peft, peftkit_lora, base. Targets: ≤ 0.8 × peft SHiRA,
+                        ≤ 1.1 × peftkit LoRA. Checked: first-step losses agree, equal parameter counts.
+  shira_train_memory    train_memory with SHiRA; children peftkit, peft, peftkit_lora. Targets on the
+                        peak (RSS, or CUDA alloc): ≤ peft SHiRA, ≤ peftkit LoRA. On CPU an extra row
+                        (no target) gives the peak above the RSS after imports (the libraries' import
+                        footprints differ).
+  shira_switch_merged   switch_merged's hidden-2048 model with two adapters "a" (random_seed=42), "b"
+                        (43), init_weights=False / init_lora_weights=False, "a" merged. One sample =
+                        a -> b -> a, reported per switch. peftkit children (SHiRA and LoRA):
+                        base_model.swap_merged_adapter(other); peft children: unmerge_adapter();
+                        set_adapter(other); merge_adapter(). Targets: ≤ 0.2 × peft LoRA, < 1.0 ×
+                        peftkit LoRA, ≤ 0.5 × peft SHiRA. Checked once (untimed): after each switch the
+                        weights equal the original plus the new adapter's delta.
+  shira_get_peft_model  get_peft_model with SHiRA on the 24-layer Llama (fresh base per repeat, not
+                        timed); children peftkit, peft. Target ≤ 0.1 × peft SHiRA. Checked once: every
+                        layer holds r·(m+n) distinct in-range positions.
+  shira_save_load       save_load with SHiRA (init_weights=False); children peftkit, peft, peftkit_lora
+                        (LoRA, init_lora_weights=False). Target: from_pretrained ≤ 1.5 × peftkit LoRA.
+                        Checked: the loaded values and positions equal the saved ones.
+
 Noise on shared cores: when a co-tenant loads one of the two vCPUs, 2-thread GEMMs wait on
 the slow thread and steps run up to ~10x slower for seconds at a time. Interleaving keeps the
 ratios fair, but absolute times swing; the notes under the table give each sample range and
@@ -88,10 +120,26 @@ import threading
 import time
 
 MARK = "@@BENCH@@ "
+SHIRA_CASES = ("shira_train_step", "shira_train_memory", "shira_switch_merged", "shira_get_peft_model",
+               "shira_save_load")
 CASES = ("train_step", "get_peft_model", "merge_and_unload", "save_load", "train_memory",
-         "dora_train_step", "dora_eval_forward", "mixed_batch", "switch_merged", "weighted_svd")
+         "dora_train_step", "dora_eval_forward", "mixed_batch", "switch_merged", "weighted_svd", *SHIRA_CASES)
 LIBS = ("peftkit", "peft")
 BASE = "base"
+# Reference children of the SHiRA cases: the same library running LoRA (r=16, alpha=32) instead.
+REF_LIBS = ("peftkit_lora", "peft_lora")
+CHILD_LIBS = (*LIBS, BASE, *REF_LIBS)
+MEMORY_CASES = ("train_memory", "shira_train_memory")
+# In a SHiRA case, "peftkit" and "peft" run SHiRA; the others are references for peftkit's SHiRA.
+SHIRA_LIBS = {
+    "shira_train_step": ["peftkit", "peft", "peftkit_lora", BASE],
+    "shira_train_memory": ["peftkit", "peft", "peftkit_lora"],
+    "shira_switch_merged": ["peftkit", "peft", "peftkit_lora", "peft_lora"],
+    "shira_get_peft_model": ["peftkit", "peft"],
+    "shira_save_load": ["peftkit", "peft", "peftkit_lora"],
+}
+LIB_LABELS = {"peftkit": "peftkit SHiRA", "peft": "peft SHiRA", "peftkit_lora": "peftkit LoRA",
+              "peft_lora": "peft LoRA", BASE: "base"}
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Model and batch sizes.
@@ -103,20 +151,25 @@ MEMORY_STEPS = 3
 MIXED_ADAPTERS, MIXED_BATCH, MIXED_SEQ = 8, 16, 64
 # switch_merged: a wider model, so that the weight passes dominate
 SWITCH_HIDDEN, SWITCH_INTERMEDIATE, SWITCH_LAYERS, SWITCH_HEADS, SWITCH_VOCAB = 2048, 5504, 2, 16, 1000
+# SHiRA: r=16 trains r·(m+n) entries per layer, LoRA r=16's parameter count; fixed mask seeds
+SHIRA_SEED, SHIRA_SEED_B = 42, 43
 
 # Timed samples per child, warm-up samples per child, and rounds (fresh sets of children).
 DEFAULT_REPEATS = {
     "full": {"train_step": 8, "get_peft_model": 8, "merge_and_unload": 12, "save_load": 12, "train_memory": 1,
              "dora_train_step": 10, "dora_eval_forward": 15, "mixed_batch": 20, "switch_merged": 10,
-             "weighted_svd": 5},
+             "weighted_svd": 5, "shira_train_step": 8, "shira_train_memory": 1, "shira_switch_merged": 10,
+             "shira_get_peft_model": 4, "shira_save_load": 12},
     "quick": {"train_step": 2, "get_peft_model": 2, "merge_and_unload": 3, "save_load": 3, "train_memory": 1,
               "dora_train_step": 3, "dora_eval_forward": 6, "mixed_batch": 8, "switch_merged": 3,
-              "weighted_svd": 2},
+              "weighted_svd": 2, "shira_train_step": 2, "shira_train_memory": 1, "shira_switch_merged": 4,
+              "shira_get_peft_model": 2, "shira_save_load": 3},
 }
 DEFAULT_TRAIN_WARMUP = {"full": 2, "quick": 1}
 OTHER_WARMUP = {"train_step": None, "get_peft_model": 1, "merge_and_unload": 1, "save_load": 1, "train_memory": 0,
                 "dora_train_step": None, "dora_eval_forward": 1, "mixed_batch": 1, "switch_merged": 1,
-                "weighted_svd": 1}
+                "weighted_svd": 1, "shira_train_step": None, "shira_train_memory": 0, "shira_switch_merged": 1,
+                "shira_get_peft_model": 1, "shira_save_load": 1}
 DEFAULT_ROUNDS = {"full": 2, "quick": 1}
 
 # Targets on the ratio peftkit / peft (None: reported without a target).
@@ -140,6 +193,21 @@ TARGETS = {
 TIME_METRICS = ("train_step", "get_peft_model", "merge_and_unload", "save_pretrained", "from_pretrained",
                 "dora_train_step", "dora_eval_forward", "mixed_batch", "switch_merged", "switch_merged_3calls",
                 "weighted_svd")
+# SHiRA cases: targets on peftkit SHiRA / reference, per (metric, reference lib): (op, bound).
+# Pairs not listed are reported without a target.
+SHIRA_TARGETS = {
+    ("shira_train_step", "peft"): ("<=", 0.8),
+    ("shira_train_step", "peftkit_lora"): ("<=", 1.1),
+    ("shira_train_memory", "peft"): ("<=", 1.0),
+    ("shira_train_memory", "peftkit_lora"): ("<=", 1.0),
+    ("shira_switch_merged", "peft_lora"): ("<=", 0.2),
+    ("shira_switch_merged", "peftkit_lora"): ("<", 1.0),
+    ("shira_switch_merged", "peft"): ("<=", 0.5),
+    ("shira_get_peft_model", "peft"): ("<=", 0.1),
+    ("shira_from_pretrained", "peftkit_lora"): ("<=", 1.5),
+}
+SHIRA_TIME_METRICS = ("shira_train_step", "shira_switch_merged", "shira_get_peft_model", "shira_save_pretrained",
+                      "shira_from_pretrained")
 # Derived rows: the cost above the base of a case with a base child, (lib - base) per repeat.
 ABOVE_BASE = {"dora_train_step": "dora_train_step_above_base", "dora_eval_forward": "dora_eval_forward_above_base",
               "mixed_batch": "mixed_batch_above_base"}
@@ -203,15 +271,18 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    if lib == "peft":
+    if lib not in CHILD_LIBS:
+        raise SystemExit(f"unknown lib {lib!r}; choose from {', '.join(CHILD_LIBS)}")
+    pkg = lib.split("_")[0]  # the library this child imports: peftkit, peft or base (neither)
+    if pkg == "peft":
         import peft as L
-    elif lib == "peftkit":
+    elif pkg == "peftkit":
         import peftkit as L
-    elif lib == BASE:
-        L = None
     else:
-        raise SystemExit(f"unknown lib {lib!r}")
+        L = None
     import_s = time.perf_counter() - t_import
+    # SHiRA cases: "peftkit" and "peft" run SHiRA, "peftkit_lora" and "peft_lora" LoRA (references)
+    use_shira = case in SHIRA_CASES and L is not None and lib in LIBS
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -251,6 +322,26 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
             task_type="CAUSAL_LM",
         )
 
+    def shira_config(init: bool = True, seed: int = SHIRA_SEED):
+        return L.ShiraConfig(r=RANK, target_modules=list(TARGET_MODULES), init_weights=init, random_seed=seed,
+                             task_type="CAUSAL_LM")
+
+    def adapter_config(init: bool = True, seed: int = SHIRA_SEED):
+        """This child's method in a SHiRA case: SHiRA r=16 (peftkit, peft) or LoRA r=16 (references)."""
+        return shira_config(init, seed) if use_shira else lora_config(init)
+
+    def shira_layers(model):
+        """(module, base weight) of every SHiRA layer, found the same way in both libraries."""
+        return [(m, m.base_layer.weight) for m in model.modules()
+                if hasattr(m, "shira_weight") and hasattr(m, "base_layer") and len(m.shira_weight)]
+
+    def shira_delta(m, adapter: str, w: torch.Tensor) -> torch.Tensor:
+        """The dense SHiRA delta, from its values and (row, col) positions in the weight's layout."""
+        idx = m.shira_indices[adapter].long()
+        d = torch.zeros(w.shape, dtype=m.shira_weight[adapter].dtype, device=w.device)
+        d[idx[0], idx[1]] = m.shira_weight[adapter].detach() * m.scaling[adapter]
+        return d
+
     def lora_layers(model):
         """(module, base weight) of every LoRA layer, found the same way in both libraries."""
         return [(m, m.base_layer.weight) for m in model.modules()
@@ -286,7 +377,7 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
                 return loss.detach()
 
         else:
-            model = L.get_peft_model(model, lora_config(dora=dora))
+            model = L.get_peft_model(model, adapter_config() if use_shira else lora_config(dora=dora))
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -302,7 +393,7 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
 
     # Each case: setup here, then sample() -> {metric: seconds} (one repeat).
     cleanup = None
-    if case in ("train_step", "dora_train_step"):
+    if case in ("train_step", "dora_train_step", "shira_train_step"):
         step = train_setup(dora=case == "dora_train_step")
 
         def sample():
@@ -450,7 +541,7 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
             model.delete_adapter(name)
             return {"weighted_svd": dt}
 
-    elif case == "train_memory":
+    elif case in MEMORY_CASES:
         info["rss_after_import_mb"] = _proc_rss_mb()
         step = train_setup()
         info["rss_after_build_mb"] = _proc_rss_mb()
@@ -497,6 +588,103 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
             info["load_ok"] = info.get("load_ok", True) and ok
             shutil.rmtree(d, ignore_errors=True)
             return {"save_pretrained": t_save, "from_pretrained": t_load}
+
+    elif case == "shira_switch_merged":
+        # two merged-adapter candidates on the wide model; SHiRA children: SHiRA, references: LoRA
+        model = build(SWITCH_LAYERS, hidden=SWITCH_HIDDEN, intermediate=SWITCH_INTERMEDIATE, heads=SWITCH_HEADS,
+                      vocab=SWITCH_VOCAB)
+        model = L.get_peft_model(model, adapter_config(init=False), adapter_name="a")
+        model.add_adapter("b", adapter_config(init=False, seed=SHIRA_SEED_B))
+        model.set_adapter("a")
+        model.eval()
+        layers = shira_layers(model) if use_shira else lora_layers(model)
+        info["adapter_layers"] = len(layers)
+        original = [w.detach().clone() for _, w in layers]
+        model.merge_adapter()
+        state = {"cur": "a"}
+
+        def switch(other):
+            if pkg == "peftkit":
+                model.base_model.swap_merged_adapter(other)
+            else:
+                model.unmerge_adapter()
+                model.set_adapter(other)
+                model.merge_adapter()
+
+        def to_other() -> None:
+            other = "b" if state["cur"] == "a" else "a"
+            switch(other)
+            state["cur"] = other
+
+        def new_delta(m, adapter: str, w: torch.Tensor) -> torch.Tensor:
+            return (shira_delta(m, adapter, w) if use_shira else delta(m, adapter)).to(w.dtype)
+
+        # untimed: a -> b -> a, each compared with the original weights plus the new adapter's delta
+        err = 0.0
+        with torch.no_grad():
+            for _ in range(2):
+                to_other()
+                cur = state["cur"]
+                err = max([err] + [float((w - (w0 + new_delta(m, cur, w))).abs().max())
+                                   for (m, w), w0 in zip(layers, original)])
+        info["switch_err"] = err
+        info["switch_ok"] = err < 1e-4
+        del original
+
+        def sample():
+            # a -> b -> a: both directions in every sample, reported per switch
+            dt, _ = timed(lambda: (to_other(), to_other()))
+            return {"shira_switch_merged": dt / 2}
+
+    elif case == "shira_get_peft_model":
+        counter = iter(range(10**6))
+
+        def sample():
+            base = build(BIG_LAYERS, seed=next(counter))
+            cfg = adapter_config()
+            dt, pm = timed(lambda: L.get_peft_model(base, cfg))
+            info["trainable_params"] = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+            if "mask_ok" not in info:  # untimed, once: r·(m+n) distinct in-range positions per layer
+                layers = shira_layers(pm)
+                ok = bool(layers)
+                for m, w in layers:
+                    idx = m.shira_indices["default"].long()
+                    flat = (idx[0] * w.shape[1] + idx[1]).sort().values
+                    ok = ok and (flat.numel() == RANK * sum(w.shape) == m.shira_weight["default"].numel()
+                                 and int(idx.min()) >= 0 and int(idx[0].max()) < w.shape[0]
+                                 and int(idx[1].max()) < w.shape[1] and bool((flat[1:] > flat[:-1]).all()))
+                info["adapter_layers"] = len(layers)
+                info["mask_ok"] = ok
+            return {"shira_get_peft_model": dt}
+
+    elif case == "shira_save_load":
+        root = tempfile.mkdtemp(prefix="peftbench-")
+        cleanup = lambda: shutil.rmtree(root, ignore_errors=True)  # noqa: E731
+
+        def adapter_state(pm) -> dict:
+            """Trained tensors by name, plus SHiRA's positions (kept outside state_dict in both libraries)."""
+            out = {n: p.detach().clone() for n, p in pm.named_parameters() if "shira_" in n or "lora_" in n}
+            for n, m in pm.named_modules():
+                if hasattr(m, "shira_indices") and hasattr(m, "base_layer") and "default" in m.shira_indices:
+                    out[n + ".shira_indices"] = m.shira_indices["default"].detach().long().clone()
+            return out
+
+        pm = L.get_peft_model(build(SMALL_LAYERS), adapter_config(init=False))
+        ref = adapter_state(pm)
+        counter = iter(range(10**6))
+
+        def sample():
+            d = os.path.join(root, f"save{next(counter)}")
+            t_save, _ = timed(lambda: pm.save_pretrained(d))
+            info["saved_files"] = sorted(os.listdir(d))
+            base = build(SMALL_LAYERS)
+            t_load, loaded = timed(lambda: L.PeftModel.from_pretrained(base, d))
+            got = adapter_state(loaded)
+            ok = set(got) == set(ref) and all(torch.equal(got[n].cpu(), ref[n].cpu()) for n in ref)
+            info["load_ok"] = info.get("load_ok", True) and ok
+            info["saved_tensors"] = len(ref)
+            shutil.rmtree(d, ignore_errors=True)
+            return {"shira_save_pretrained": t_save, "shira_from_pretrained": t_load}
 
     else:
         raise SystemExit(f"unknown case {case!r}")
@@ -583,6 +771,8 @@ class Child:
 
 
 def _libs_for(case: str, quick: bool) -> list[str]:
+    if case in SHIRA_LIBS:
+        return list(SHIRA_LIBS[case])
     if case in ("train_step", "dora_train_step", "dora_eval_forward", "mixed_batch") or (
             case == "train_memory" and not quick):
         return [*LIBS, BASE]
@@ -592,7 +782,7 @@ def _libs_for(case: str, quick: bool) -> list[str]:
 def drive_case(case: str, rnd: int, args: argparse.Namespace, mode: str, log) -> list[dict]:
     """Start this case's children together, then take samples from them in turn."""
     libs = _libs_for(case, mode == "quick")
-    repeats = 1 if case == "train_memory" else (args.repeats or DEFAULT_REPEATS[mode][case])
+    repeats = 1 if case in MEMORY_CASES else (args.repeats or DEFAULT_REPEATS[mode][case])
     warmup = _warmup_for(case, args)
     t0 = time.perf_counter()
     children = {lib: Child(case, lib, args, repeats) for lib in libs}
@@ -684,6 +874,54 @@ def summarise(children: list[dict], device: str) -> list[dict]:
     return rows
 
 
+def _shira_refs(libs) -> list[str]:
+    """The reference children present, in a fixed order (peftkit's SHiRA is the numerator)."""
+    return [lib for lib in ("peft", "peftkit_lora", "peft_lora", BASE) if lib in libs]
+
+
+def _vs_row(metric: str, kind: str, ref: str, raw: dict[str, list[float]], ratio: float | None) -> dict:
+    k, r = _median(raw["peftkit"]), _median(raw[ref])
+    op, bound = SHIRA_TARGETS.get((metric, ref), (None, None))
+    met = None if bound is None or ratio is None else (ratio < bound if op == "<" else ratio <= bound)
+    return {"case": metric, "kind": kind, "ref": ref, "peftkit": k, "reference": r, "ratio": ratio,
+            "ratio_of_medians": _ratio(k, r), "target": bound, "target_op": op, "met": met,
+            "samples": {"peftkit": raw["peftkit"], ref: raw[ref]}}
+
+
+def summarise_shira(children: list[dict], device: str) -> list[dict]:
+    """SHiRA cases: one row per (metric, reference): peftkit's SHiRA against peft's SHiRA, a LoRA, the base.
+
+    Times: the ratio is the median over repeats of peftkit_i / reference_i (samples taken back to
+    back), as in the main table. Memory: the ratio of the peaks.
+    """
+    rows = []
+    for metric in SHIRA_TIME_METRICS:
+        by: dict[str, list[float]] = {}
+        per_round: dict[int, dict[str, list[float]]] = {}
+        for ch in children:
+            xs = ch["samples"].get(metric)
+            if xs:
+                by.setdefault(ch["lib"], []).extend(xs)
+                per_round.setdefault(ch["round"], {})[ch["lib"]] = xs
+        if "peftkit" in by:
+            for ref in _shira_refs(by):
+                rows.append(_vs_row(metric, "vs_time", ref, by, _paired(per_round, "peftkit", ref)))
+    mem = [c for c in children if c["case"] == "shira_train_memory"]
+    key = "cuda_peak_mb" if device == "cuda" else "peak_rss_mb"
+    variants = [("shira_train_memory", lambda c: c[key])]
+    if device != "cuda":  # the import footprints differ between libraries: the peak above it, for context
+        variants.append(("shira_train_memory_above_import",
+                         lambda c: c["peak_rss_mb"] - c["info"]["rss_after_import_mb"]))
+    for metric, get in variants:
+        raw: dict[str, list[float]] = {}
+        for c in mem:
+            raw.setdefault(c["lib"], []).append(get(c))
+        if "peftkit" in raw:
+            for ref in _shira_refs(raw):
+                rows.append(_vs_row(metric, "vs_memory", ref, raw, _ratio(_median(raw["peftkit"]), _median(raw[ref]))))
+    return rows
+
+
 def _above_base_row(name: str, per_round: dict[int, dict[str, list[float]]]) -> dict:
     """(lib - base) per repeat for each lib; ratio = median over repeats of (peftkit - base) / (peft - base).
 
@@ -739,6 +977,95 @@ def markdown(rows: list[dict], device: str) -> str:
                      f"{fmt(r['base'])} | {_fmt_ratio(r['peftkit_over_base'])} | {_fmt_ratio(r['peft_over_base'])} | "
                      f"{_fmt_ratio(r['ratio_of_medians'])} |")
     return "\n".join(lines)
+
+
+def markdown_shira(rows: list[dict], device: str) -> str:
+    mem_label = "peak CUDA alloc" if device == "cuda" else "peak RSS"
+    lines = ["| case | peftkit SHiRA | reference | reference's | ratio peftkit SHiRA / reference | target "
+             "| ratio of medians |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["case"] == "shira_train_memory":
+            name, fmt = f"shira_train_memory ({mem_label}, {MEMORY_STEPS} steps)", _fmt_mb
+        elif r["case"] == "shira_train_memory_above_import":
+            name, fmt = "shira_train_memory (peak RSS − RSS after imports)", _fmt_mb
+        else:
+            name, fmt = r["case"], _fmt_time
+        if r["target"] is None:
+            tgt = "—"
+        else:
+            op = "<" if r["target_op"] == "<" else "≤"
+            tgt = f"{op} {r['target']:.2f} " + ("(met)" if r["met"] else "(MISSED)")
+        lines.append(f"| {name} | {fmt(r['peftkit'])} | {LIB_LABELS[r['ref']]} | {fmt(r['reference'])} | "
+                     f"{_fmt_ratio(r['ratio'])} | {tgt} | {_fmt_ratio(r['ratio_of_medians'])} |")
+    return "\n".join(lines)
+
+
+def shira_notes(rows: list[dict], children: list[dict]) -> str:
+    out = []
+    sh = [c for c in children if c["case"] in SHIRA_CASES]
+
+    def per_lib(case: str, key: str, first_round: bool = False) -> dict:
+        return {c["lib"]: c["info"][key] for c in sh
+                if c["case"] == case and key in c["info"] and (c["round"] == 0 or not first_round)}
+
+    for metric in SHIRA_TIME_METRICS:
+        samples: dict[str, list[float]] = {}
+        for r in rows:
+            if r["case"] == metric:
+                samples.update(r["samples"])
+        if samples:
+            parts = [f"{LIB_LABELS[lib]} {_fmt_time(min(xs))}..{_fmt_time(max(xs))} (n={len(xs)})"
+                     for lib, xs in samples.items()]
+            rmin = [f"{lib} {min(samples['peftkit']) / min(xs):.3f}" for lib, xs in samples.items() if lib != "peftkit"]
+            out.append(f"- {metric} sample range: " + "; ".join(parts) + "; ratio of minima vs " + ", ".join(rmin))
+    losses = per_lib("shira_train_step", "loss_first_step", first_round=True)
+    if losses:
+        out.append("- shira_train_step first-step loss (SHiRA values 0 and LoRA B = 0 at init: all should agree): "
+                   + ", ".join(f"{LIB_LABELS[k]} {v:.5f}" for k, v in losses.items()))
+        spread = max(losses.values()) - min(losses.values())
+        out.append(f"- shira_train_step first-step losses agree: {spread < 1e-4} (spread {spread:.1e})")
+    params = per_lib("shira_train_step", "trainable_params", first_round=True)
+    if params:
+        out.append("- shira_train_step trainable parameters (SHiRA r=16 and LoRA r=16: r·(m+n) per layer): "
+                   + ", ".join(f"{LIB_LABELS[k]} {v:,}" for k, v in params.items()))
+    over = {r["ref"]: r for r in rows if r["case"] == "shira_train_step"}
+    if BASE in over:
+        parts = [f"peftkit SHiRA {(over[BASE]['ratio'] - 1) * 100:+.1f}%"]
+        for ref in ("peft", "peftkit_lora"):  # lib / base from the other children's samples, paired the same way
+            by_round: dict[int, dict[str, list[float]]] = {}
+            for c in sh:
+                if c["case"] == "shira_train_step" and c["samples"].get("shira_train_step"):
+                    by_round.setdefault(c["round"], {})[c["lib"]] = c["samples"]["shira_train_step"]
+            r = _paired(by_round, ref, BASE)
+            if r is not None:
+                parts.append(f"{LIB_LABELS[ref]} {(r - 1) * 100:+.1f}%")
+        out.append("- shira_train_step cost above the frozen base (median per-repeat lib/base - 1): "
+                   + ", ".join(parts))
+    mem = [c for c in sh if c["case"] == "shira_train_memory"]
+    if mem:
+        parts = []
+        for c in mem:
+            i = c["info"]
+            parts.append(f"{LIB_LABELS[c['lib']]}: after imports {i['rss_after_import_mb']:.0f} MB, after build "
+                         f"{i['rss_after_build_mb']:.0f} MB, peak {c['peak_rss_mb']:.0f} MB"
+                         + (f", CUDA peak {c['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in c else ""))
+        out.append("- shira_train_memory RSS (the peak includes imports and the model): " + "; ".join(parts))
+    checks = [("shira_switch_merged", "switch_ok", "switch_err",
+               "weights after a -> b and b -> a equal the original + the new adapter's delta (max abs diff)"),
+              ("shira_get_peft_model", "mask_ok", None, "r·(m+n) distinct in-range positions in every layer"),
+              ("shira_save_load", "load_ok", None, "from_pretrained restored the saved values and positions exactly")]
+    for case, flag, val, text in checks:
+        agg: dict[str, tuple[bool, float | None]] = {}
+        for c in sh:
+            if c["case"] == case and flag in c["info"]:
+                ok, v = agg.get(c["lib"], (True, None))
+                x = c["info"].get(val) if val else None
+                agg[c["lib"]] = (ok and bool(c["info"][flag]), x if v is None else max(v, x) if x is not None else v)
+        if agg:
+            out.append(f"- {case}: {text}: " + ", ".join(
+                f"{LIB_LABELS[k]}={ok}" + (f" ({v:.1e})" if v is not None else "") for k, (ok, v) in agg.items()))
+    return "\n".join(out)
 
 
 def notes(rows: list[dict], children: list[dict]) -> str:
@@ -840,16 +1167,18 @@ def _provenance(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats, one round (CI smoke, ~2.5 min)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, one round (CI smoke, ~5 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated subset of {','.join(CASES)} (\"shira\": all shira_* cases)")
     ap.add_argument("--repeats", type=int, default=None, help="timed samples per child (default: per case)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per child for train_step")
     ap.add_argument("--rounds", type=int, default=None, help="fresh sets of children per case (default 2, quick 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child (default 2)")
     ap.add_argument("--json", metavar="OUT", default=None, help="write rows, raw samples and metadata here")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "LIB"), default=None,
-                    help="run one case for one lib (peftkit, peft or base) in this process and print its JSON")
+                    help="run one case for one lib (peftkit, peft, base; in the shira_* cases also the LoRA "
+                         "references peftkit_lora, peft_lora) in this process and print its JSON")
     ap.add_argument("--driven", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -866,6 +1195,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = [x for c in cases for x in (SHIRA_CASES if c == "shira" else (c,))]  # "shira": every shira_* case
     bad = [c for c in cases if c not in CASES]
     if bad:
         ap.error(f"unknown case(s) {bad}; choose from {', '.join(CASES)}")
@@ -884,12 +1214,13 @@ def main(argv: list[str] | None = None) -> int:
     children: list[dict] = []
     for rnd in range(rounds):
         for case in cases:
-            if case == "train_memory" and rnd > 0:
+            if case in MEMORY_CASES and rnd > 0:
                 continue  # peak memory barely moves between runs: one set of children
             children += drive_case(case, rnd, args, mode, log)
     total = time.perf_counter() - t_start
 
     rows = summarise(children, args.device)
+    shira_rows = summarise_shira(children, args.device)
     import torch
     import transformers
 
@@ -908,22 +1239,32 @@ def main(argv: list[str] | None = None) -> int:
         dev = f"cpu ({platform.machine()}, {os.cpu_count()} cores visible)"
     print(f"\npeftkit vs peft: {mode} run on {dev}, torch threads={args.threads}, rounds={rounds}, "
           f"wall {total:.0f} s; " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "\n")
-    print(markdown(rows, args.device))
-    print()
+    if rows or not shira_rows:
+        print(markdown(rows, args.device))
+        print()
     print(notes(rows, children))
+    if shira_rows:
+        print("\nSHiRA: peftkit's SHiRA against each reference (peft's SHiRA, the LoRA r=16 of the same "
+              "parameter count, the frozen base); ratios as above, paired per repeat\n")
+        print(markdown_shira(shira_rows, args.device))
+        print()
+        print(shira_notes(shira_rows, children))
     noisy = [r["case"] for r in rows if r["kind"] == "time"
              and any(min(xs) > 0 and max(xs) / min(xs) > 3 for xs in r["samples"].values())]
+    noisy += list(dict.fromkeys(r["case"] for r in shira_rows if r["kind"] == "vs_time"
+                                and any(min(xs) > 0 and max(xs) / min(xs) > 3 for xs in r["samples"].values())))
     if noisy:
         print(f"\nwarning: samples of {', '.join(noisy)} vary more than 3x: the machine was noisy during the run "
               "(on shared vCPUs, --threads 1 is steadier); trust the paired ratios over the absolute times.")
     missed = [r["case"] for r in rows if r["met"] is False]
+    missed += [f"{r['case']} vs {r['ref']}" for r in shira_rows if r["met"] is False]
     print("\ntargets missed: " + (", ".join(missed) if missed else "none"))
 
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"meta": {"mode": mode, "device": dev, "threads": args.threads, "rounds": rounds,
                                 "cases": cases, "versions": versions, "wall_s": total, "argv": sys.argv[1:]},
-                       "rows": rows, "children": children}, fh, indent=1)
+                       "rows": rows + shira_rows, "children": children}, fh, indent=1)
     return 0
 
 
