@@ -32,7 +32,7 @@ def _setup(fan_in, fan_out, nnz_frac, transposed, seed, dtype=torch.float64, shu
         flat = flat.sort().values
     r0, r1 = flat // stored_shape[1], flat % stored_shape[1]  # (row, col) in the stored layout, file order
     rows, cols = (r1, r0) if transposed else (r0, r1)  # canonical (out, in)
-    pattern = SparsePattern.build(rows, cols, flat, (fan_out, fan_in))
+    pattern = SparsePattern(rows, cols, flat, (fan_out, fan_in))
     return weight, w2d, pattern, rows, cols
 
 

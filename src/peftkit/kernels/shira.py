@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import threading
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,6 @@ _PATCH_LOCK = threading.RLock()
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
-@dataclass
 class SparsePattern:
     """Where an adapter's values sit in the weight, in the forms the kernels need.
 
@@ -42,24 +40,18 @@ class SparsePattern:
         shape: the canonical (out, fan_in) shape.
         crow, col: CSR of the canonical (out, fan_in) matrix.
         order: (nnz,) positions of the CSR entries in file order (None: the same order).
-        crow_t, col_t, order_t: the same for the transposed (fan_in, out) matrix.
+
+    The CSR of the transposed matrix, used only by ``sparse_delta``'s input gradient, is built
+    on first use.
     """
 
-    flat: torch.Tensor
-    shape: tuple[int, int]
-    crow: torch.Tensor
-    col: torch.Tensor
-    order: torch.Tensor | None
-    crow_t: torch.Tensor
-    col_t: torch.Tensor
-    order_t: torch.Tensor
-
-    @classmethod
-    def build(cls, rows: torch.Tensor, cols: torch.Tensor, flat: torch.Tensor, shape: tuple[int, int]) -> SparsePattern:
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, flat: torch.Tensor, shape: tuple[int, int]) -> None:
         """From canonical (row, col) pairs and storage positions, all (nnz,) int64, in file order."""
-        crow, col, order = _csr(rows, cols, shape[0], shape[1])
-        crow_t, col_t, order_t = _csr(cols, rows, shape[1], shape[0])
-        return cls(flat, shape, crow, col, order, crow_t, col_t, order_t)
+        self.flat, self.shape = flat, shape
+        self.crow, self.col, self.order = _csr(rows, cols, shape[0], shape[1])
+        self._rows_cols = (rows, cols)
+        self._transposed: tuple | None = None
+        self._zeros: dict[torch.dtype, torch.Tensor] = {}
 
     def coo(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Canonical (rows, cols) in CSR order."""
@@ -68,21 +60,31 @@ class SparsePattern:
 
     def values(self, v: torch.Tensor, transposed: bool = False) -> torch.Tensor:
         """The file-ordered values in CSR order."""
-        order = self.order_t if transposed else self.order
-        return v if order is None else v[order]
+        order = self._t()[2] if transposed else self.order
+        return v if order is None else v.index_select(0, order)
 
     def csr(self, v: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-        crow, col = (self.crow_t, self.col_t) if transposed else (self.crow, self.col)
+        crow, col = self._t()[:2] if transposed else (self.crow, self.col)
         shape = self.shape[::-1] if transposed else self.shape
         return torch.sparse_csr_tensor(crow, col, self.values(v, transposed), shape, check_invariants=False)
+
+    def _t(self) -> tuple:
+        if self._transposed is None:
+            rows, cols = self._rows_cols
+            self._transposed = _csr(cols, rows, self.shape[1], self.shape[0])
+        return self._transposed
 
     def sampled_grad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``(gᵀ x)[i, j]`` at the pattern's positions, in file order; g (N, out), x (N, in)."""
         dtype = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
-        zeros = torch.sparse_csr_tensor(  # zeros, not empty: beta=0 still multiplies (0·NaN = NaN)
-            self.crow, self.col, torch.zeros(self.col.numel(), dtype=dtype, device=g.device), self.shape,
-            check_invariants=False,
-        )
+        zeros = self._zeros.get(dtype)
+        if zeros is None or zeros.device != g.device:
+            # zeros, not empty: beta=0 still multiplies (0·NaN = NaN); never written to, so kept
+            zeros = torch.sparse_csr_tensor(
+                self.crow, self.col, torch.zeros(self.col.numel(), dtype=dtype, device=g.device), self.shape,
+                check_invariants=False,
+            )
+            self._zeros[dtype] = zeros
         vals = torch.sparse.sampled_addmm(zeros, g.t().to(dtype), x.to(dtype), beta=0.0).values()
         if self.order is None:
             return vals
@@ -115,15 +117,15 @@ class _Patched:
         try:
             if self.storage is None:
                 raise RuntimeError("SHiRA needs a contiguous base weight.")
-            self.orig = self.storage[self.flat]
-            self.storage.index_put_((self.flat,), (self.orig.to(self.values.dtype) + self.values).to(self.storage.dtype))
+            self.orig = self.storage.index_select(0, self.flat)
+            self.storage.index_copy_(0, self.flat, (self.orig.to(self.values.dtype) + self.values).to(self.storage.dtype))
         except BaseException:
             _PATCH_LOCK.release()
             raise
 
     def __exit__(self, *exc: object) -> None:
         try:
-            self.storage.index_put_((self.flat,), self.orig)
+            self.storage.index_copy_(0, self.flat, self.orig)
         finally:
             _PATCH_LOCK.release()
 
@@ -132,7 +134,7 @@ class _ShiraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, w2d, bias, values, pattern, scale):  # type: ignore[override]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        with _Patched(weight, pattern.flat, values * scale):
+        with _Patched(weight, pattern.flat, values if scale == 1.0 else values * scale):
             out = F.linear(x2, w2d, bias)
         ctx.save_for_backward(x2, values)
         ctx.weight, ctx.w2d, ctx.pattern, ctx.scale, ctx.x_shape = weight, w2d, pattern, scale, x.shape
@@ -144,10 +146,11 @@ class _ShiraLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_x = grad_v = None
         if ctx.needs_input_grad[0]:
-            with _Patched(ctx.weight, ctx.pattern.flat, values * ctx.scale):
+            with _Patched(ctx.weight, ctx.pattern.flat, values if ctx.scale == 1.0 else values * ctx.scale):
                 grad_x = (g @ ctx.w2d).view(ctx.x_shape)
         if ctx.needs_input_grad[4]:
-            grad_v = ctx.pattern.sampled_grad(g, x2).mul_(ctx.scale).to(values.dtype)
+            grad_v = ctx.pattern.sampled_grad(g, x2)
+            grad_v = (grad_v if ctx.scale == 1.0 else grad_v.mul_(ctx.scale)).to(values.dtype)
         return grad_x, None, None, None, grad_v, None, None
 
 

@@ -28,7 +28,7 @@ def test_kernels_on_cuda(transposed, dtype):
     r0, r1 = flat // stored[1], flat % stored[1]
     rows, cols = (r1, r0) if transposed else (r0, r1)
     rows, cols, flat = rows.to(CUDA), cols.to(CUDA), flat.to(CUDA)
-    pattern = SparsePattern.build(rows, cols, flat, (fan_out, fan_in))
+    pattern = SparsePattern(rows, cols, flat, (fan_out, fan_in))
     original = weight.clone()
     x0 = torch.randn(4, 7, fan_in, generator=g).to(CUDA, dtype)
     v0 = torch.randn(flat.numel(), generator=g).to(CUDA)  # values in float32

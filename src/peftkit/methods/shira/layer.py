@@ -107,7 +107,7 @@ class ShiraLayer(AdapterLayer):
         i0, i1 = idx[0].long(), idx[1].long()
         cols = self.base_layer.weight.shape[1]
         rows_c, cols_c = (i1, i0) if self.ops.transposed else (i0, i1)  # canonical (out, in)
-        pat = SparsePattern.build(rows_c, cols_c, i0 * cols + i1, (self.out_features, self.in_features))
+        pat = SparsePattern(rows_c, cols_c, i0 * cols + i1, (self.out_features, self.in_features))
         self._patterns[adapter] = (key, pat)
         return pat
 
@@ -149,12 +149,13 @@ class ShiraLayer(AdapterLayer):
         live = w2d.data_ptr() == self.base_layer.weight.data_ptr()
         storage = self.base_layer.weight.data.view(-1) if live else None
         if live and sign < 0 and adapter in self._merge_saved:
-            storage.index_put_((flat,), self._merge_saved.pop(adapter))  # exact: the values before merging
+            storage.index_copy_(0, flat, self._merge_saved.pop(adapter))  # exact: the values before merging
             return
         v = self._values(adapter).detach() * sign
         if live:
+            before = storage.index_select(0, flat)
             if sign > 0:
-                self._merge_saved[adapter] = storage[flat].clone()
-            storage.index_put_((flat,), (storage[flat].to(v.dtype) + v).to(storage.dtype))
+                self._merge_saved[adapter] = before
+            storage.index_copy_(0, flat, (before.to(v.dtype) + v).to(storage.dtype))
             return
         w2d.index_put_(pat.coo(), pat.values(v).to(w2d.dtype), accumulate=True)  # a copy (safe-merge check)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -18,24 +19,54 @@ def layer_seed(seed: int | None, name: str) -> int:
 def random_positions(numel: int, k: int, seed: int) -> torch.Tensor:
     """``k`` distinct positions in ``[0, numel)``, uniform over k-subsets, sorted; deterministic in ``seed``.
 
-    A full ``randperm(numel)`` costs O(numel) per layer. When ``k`` is a small fraction of
-    ``numel``, iid draws with the repeats removed (``unique``) are a uniform subset of their
-    size; a few extra draws, then a uniform choice of ``k`` among them, give the k-subset in
-    O(k log k).
+    A full ``randperm(numel)`` (PEFT's draw) costs O(numel) per layer, and drawing with repeats
+    then sorting costs O(k log k). Here every position is first kept independently with a
+    probability a little above ``k / numel``, walking the weight by geometric gaps (a Bernoulli
+    process comes out sorted, in O(k)); given its size, that set is a uniform subset. Dropping
+    a uniform choice of the few extra positions (or, rarely, adding missing ones from the rest)
+    leaves a uniform k-subset.
     """
     if k > numel:
         raise ValueError(f"cannot choose {k} entries out of {numel}")
     gen = torch.Generator().manual_seed(seed)
     if 4 * k >= numel:
         return torch.randperm(numel, generator=gen)[:k].sort().values
-    picked = torch.empty(0, dtype=torch.int64)
-    while picked.numel() < k:
-        need = k - picked.numel()
-        draws = torch.randint(numel, (need + need // 8 + 16,), generator=gen)
-        picked = torch.unique(torch.cat([picked, draws]))
-    if picked.numel() > k:
-        picked = picked[torch.randperm(picked.numel(), generator=gen)[:k]].sort().values
-    return picked
+    p = min(0.5, (k + 4.0 * math.sqrt(k) + 8.0) / numel)
+    log_q = math.log1p(-p)
+    parts, last = [], -1
+    while last < numel - 1:  # positions = last + running sum of Geometric(p) gaps
+        n = int((numel - 1 - last) * p * 1.02) + 32
+        u = torch.rand(n, generator=gen, dtype=torch.float64)
+        gaps = torch.log1p(-u).div_(log_q).floor_().add_(1).to(torch.int64)
+        pos = gaps.cumsum_(0).add_(last)
+        parts.append(pos)
+        last = int(pos[-1])
+    pos = torch.cat(parts) if len(parts) > 1 else parts[0]
+    pos = pos[: int(torch.searchsorted(pos, numel))]
+    extra = pos.numel() - k
+    if extra > 0:
+        drop = _distinct(pos.numel(), extra, gen).sort().values
+        # the j-th kept entry sits at j + (number of dropped entries before it)
+        keep = torch.arange(k)
+        keep += torch.searchsorted(drop - torch.arange(extra), keep, right=True)
+        return pos[keep]
+    if extra < 0:
+        taken = torch.zeros(numel, dtype=torch.bool)
+        taken[pos] = True
+        rest = (~taken).nonzero().squeeze(1)
+        add = rest[_distinct(rest.numel(), -extra, gen)]
+        return torch.cat([pos, add]).sort().values
+    return pos
+
+
+def _distinct(n: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    """``m`` distinct values of ``[0, n)``, a uniform choice (unsorted)."""
+    if 4 * m >= n:
+        return torch.randperm(n, generator=gen)[:m]
+    got = torch.empty(0, dtype=torch.int64)
+    while got.numel() < m:
+        got = torch.unique(torch.cat([got, torch.randint(n, (m - got.numel() + 8,), generator=gen)]))
+    return got[torch.randperm(got.numel(), generator=gen)[:m]]
 
 
 def random_mask(base_layer: nn.Module, r: int, random_seed: int | None = None, **kwargs: object) -> torch.Tensor:
