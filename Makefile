@@ -1,6 +1,7 @@
 # make demo : create .venv, install what the demo needs, run the main job (LoRA on SMS spam)
 # make test : create .venv if needed, install the test extras, run the whole suite
 # make bench: peftkit vs HF PEFT, same workloads, ratios
+# make fusion: two task adapters fused into one, SHiRA next to LoRA (real data, ~10 min on CPU)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench fusion clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,9 @@ demo: $(VENV)/.demo
 
 test: $(VENV)/.test $(VENV)/.demo
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+fusion: $(VENV)/.demo
+	$(VENV)/bin/peftkit fusion $(FUSION_ARGS)
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

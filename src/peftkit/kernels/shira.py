@@ -49,7 +49,6 @@ class SparsePattern:
         """From canonical (row, col) pairs and storage positions, all (nnz,) int64, in file order."""
         self.flat, self.shape = flat, shape
         self.crow, self.col, self.order = _csr(rows, cols, shape[0], shape[1])
-        self._rows_cols = (rows, cols)
         self._transposed: tuple | None = None
         self._zeros: dict[torch.dtype, torch.Tensor] = {}
 
@@ -70,8 +69,11 @@ class SparsePattern:
 
     def _t(self) -> tuple:
         if self._transposed is None:
-            rows, cols = self._rows_cols
-            self._transposed = _csr(cols, rows, self.shape[1], self.shape[0])
+            rows, cols = self.coo()  # CSR order; map the transposed order back to file order below
+            crow_t, col_t, order_t = _csr(cols, rows, self.shape[1], self.shape[0])
+            if self.order is not None:
+                order_t = self.order if order_t is None else self.order[order_t]
+            self._transposed = (crow_t, col_t, order_t)
         return self._transposed
 
     def sampled_grad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
