@@ -31,6 +31,8 @@ class MethodSpec:
             adapter from a weighted combination of existing ones (``add_weighted_adapter``).
         convert_initial: ``(config, state, initial_state) -> (config, state)``: rewrites an adapter
             whose init changed the base weights into one for the original base model.
+        prepare: ``(config, model_type) -> None``: fills model-dependent defaults into the adapter's
+            own config copy (after the engine's ``target_modules`` default), e.g. IA3's feed-forward set.
     """
 
     peft_type: PeftType
@@ -41,6 +43,7 @@ class MethodSpec:
     per_layer: Callable[[Any, str], dict[str, Any]] | None = None
     weighted: Callable[..., None] | None = None
     convert_initial: Callable[..., tuple[Any, dict]] | None = None
+    prepare: Callable[[Any, str | None], None] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -98,6 +98,14 @@ class AdapterLayer(nn.Module):
         """Base op and one adapter in one step, when the method has a faster path for it (else None)."""
         return None
 
+    def forward_active(self, x: torch.Tensor, adapters: Sequence[str], args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Run the base op with these adapters the method's own way (IA3 scales the input first); None: the default."""
+        return None
+
+    def mixed_forward(self, x: torch.Tensor, names: Sequence[str], args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Like ``forward_active`` for a batch whose samples name their own adapters; None: the default."""
+        return None
+
     def merge_into(self, adapter: str, w2d: torch.Tensor, sign: float) -> None:
         """Add (sign=1) or remove (sign=-1) the adapter's change to a weight view in place."""
         delta = self.delta_weight(adapter)
@@ -106,6 +114,15 @@ class AdapterLayer(nn.Module):
     def bias_delta(self, adapter: str) -> torch.Tensor | None:
         """The adapter's change to the base bias, if it has one (LoRA's ``lora_bias``)."""
         return None
+
+    def merge_bias(self, adapter: str, bias: torch.Tensor, sign: float) -> None:
+        """Fold the adapter's bias change into ``bias`` in place (sign=-1 takes it out); additive by default."""
+        db = self.bias_delta(adapter)
+        if db is not None:
+            bias.add_(db.to(bias.dtype), alpha=sign)
+
+    def check_unmerge(self, adapters: Sequence[str]) -> None:
+        """Raise, before anything changes, if these merged adapters cannot be taken out exactly."""
 
     def check_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Raise if this layer's tensors about to be loaded (checkpoint key -> tensor) do not fit together."""
@@ -213,6 +230,9 @@ class AdapterLayer(nn.Module):
             return self._mixed_forward(x, names, *args, **kwargs)
         if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
+        own = self.forward_active(x, self.active_adapters, args, kwargs)
+        if own is not None:
+            return own
         if len(self.active_adapters) == 1 and not args and not kwargs:
             fused = self.fused_forward(self.active_adapters[0], x)
             if fused is not None:
@@ -229,6 +249,9 @@ class AdapterLayer(nn.Module):
             raise ValueError("adapter_names cannot be used while adapters are merged: call unmerge_adapter() first.")
         if len(names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]}.")
+        own = self.mixed_forward(x, names, args, kwargs)
+        if own is not None:
+            return own
         out = self.base_layer(x, *args, **kwargs)
         fast = self.mixed_adapt(names, x, out)
         if fast is not None:
@@ -250,10 +273,15 @@ class AdapterLayer(nn.Module):
         """Raise if merging these adapters would put a non-finite value into the weight."""
         with torch.no_grad():
             w = self._weight2d().clone()
+            bias = getattr(self.base_layer, "bias", None)
+            b = bias.detach().clone() if bias is not None else None
             for adapter in adapter_names:
                 self.merge_into(adapter, w, 1.0)
                 db = self.bias_delta(adapter)
-                if not torch.isfinite(w).all() or (db is not None and not torch.isfinite(db).all()):
+                if b is not None:
+                    self.merge_bias(adapter, b, 1.0)
+                bad_bias = (db is not None and not torch.isfinite(db).all()) or (b is not None and not torch.isfinite(b).all())
+                if not torch.isfinite(w).all() or bad_bias:
                     raise ValueError(
                         f"Merging adapter {adapter!r} would put NaN/inf into {type(self.base_layer).__name__} "
                         "weights; the model was left unchanged. Check the adapter's weights."
@@ -280,6 +308,7 @@ class AdapterLayer(nn.Module):
         if not self.merged_adapters:
             warnings.warn("Nothing to unmerge: no adapter is merged.")
             return
+        self.check_unmerge(self.merged_adapters)
         with torch.no_grad():
             w = self._weight2d()
             while self.merged_adapters:
@@ -288,6 +317,7 @@ class AdapterLayer(nn.Module):
     def swap_merged(self, adapter: str) -> None:
         """Replace whatever is merged here by ``adapter``, in one pass over the weight where the method can."""
         present = adapter in self.adapters
+        self.check_unmerge(self.merged_adapters)
         with torch.no_grad():
             w = self._weight2d()
             if not (present and self.swap_into(self.merged_adapters, adapter, w)):
@@ -303,12 +333,12 @@ class AdapterLayer(nn.Module):
 
     def _merge_one(self, adapter: str, w2d: torch.Tensor, sign: float) -> None:
         self.merge_into(adapter, w2d, sign)
-        db = self.bias_delta(adapter)
-        if db is not None:
-            bias = self.base_layer.bias
-            if bias is None:
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            if self.bias_delta(adapter) is not None:
                 raise ValueError(f"Adapter {adapter!r} changes the bias, but the base layer has none: it cannot merge.")
-            bias.add_(db.to(bias.dtype), alpha=sign)
+            return
+        self.merge_bias(adapter, bias, sign)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The weight change in the base layer's own layout (PEFT's name for it)."""

@@ -167,6 +167,8 @@ class AdapterModel(nn.Module):
         elif isinstance(targets, str) and targets.lower() == ALL_LINEAR:
             modules = [(n, getattr(m, "base_layer", m)) for n, m in top_level_modules(self.model)]
             config.target_modules = expand_all_linear(modules, self.model, linear_types())
+        if spec.prepare is not None:
+            spec.prepare(config, getattr(getattr(self.model, "config", None), "model_type", None))
         return config
 
     def inject_adapter(
