@@ -21,6 +21,8 @@ from .core.layer import AdapterLayer
 from .core.tuner import AdapterModel
 from .core.wrappers import ModulesToSaveWrapper
 from .mapping import get_peft_model, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from .methods.lokr import LoKrConfig, LoKrLayer
+from .methods.ia3 import IA3Config, IA3Layer
 from .methods.lora import LoraConfig, LoraLayer
 from .methods.shira import ShiraConfig, ShiraLayer
 from .peft_model import (
@@ -36,6 +38,8 @@ from .types import PeftType, TaskType
 
 LoraModel = AdapterModel  # PEFT's names for the per-method engines
 ShiraModel = AdapterModel
+IA3Model = AdapterModel
+LoKrModel = AdapterModel
 
 __all__ = [
     "AdapterLayer",
@@ -47,6 +51,9 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "LoKrConfig",
+    "LoKrLayer",
+    "LoKrModel",
     "LoraConfig",
     "LoraLayer",
     "LoraModel",
@@ -68,4 +75,7 @@ __all__ = [
     "ShiraConfig",
     "ShiraLayer",
     "ShiraModel",
+    "IA3Config",
+    "IA3Layer",
+    "IA3Model",
 ]

@@ -100,10 +100,32 @@ def _shira(target: str, init: bool = False) -> peftkit.PeftConfig:
     return peftkit.ShiraConfig(r=2, target_modules=[target], init_weights=init)
 
 
+def _ia3(target: str, init: bool = False) -> peftkit.PeftConfig:
+    return peftkit.IA3Config(target_modules=[target], feedforward_modules=[], init_ia3_weights=init)
+
+
+def _ia3_ff(target: str, init: bool = False) -> peftkit.PeftConfig:  # scales the target's input
+    return peftkit.IA3Config(target_modules=[target], feedforward_modules=[target], init_ia3_weights=init)
+
+
+def _lokr(target: str, init: bool = False) -> peftkit.PeftConfig:
+    # r=1: low-rank W1 (decompose_both) and W2, CP core on the 3×3 conv
+    return peftkit.LoKrConfig(r=1, alpha=2, target_modules=[target], init_weights=init, decompose_both=True,
+                              use_effective_conv2d=True)
+
+
+def _lokr_full(target: str, init: bool = False) -> peftkit.PeftConfig:
+    return peftkit.LoKrConfig(r=8, alpha=4, target_modules=[target], init_weights=init)  # full W1 and W2
+
+
 METHODS = [
     MethodCase("lora", _lora),
     MethodCase("dora", _dora, stackable=False),
     MethodCase("shira", _shira, kinds=("linear", "conv1d")),  # nn.Linear and transformers Conv1D only
+    MethodCase("lokr", _lokr, kinds=("linear", "conv1d", "conv2d")),  # no Embedding (as PEFT)
+    MethodCase("lokr_full", _lokr_full, kinds=("linear", "conv1d", "conv2d")),
+    MethodCase("ia3", _ia3, kinds=("linear", "conv1d", "conv2d")),  # no nn.Embedding (as PEFT)
+    MethodCase("ia3_ff", _ia3_ff, kinds=("linear", "conv1d", "conv2d")),
 ]
 
 

@@ -2,3 +2,5 @@
 
 from . import lora  # noqa: F401
 from . import shira  # noqa: F401
+from . import lokr  # noqa: F401
+from . import ia3  # noqa: F401
