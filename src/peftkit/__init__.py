@@ -22,6 +22,7 @@ from .core.tuner import AdapterModel
 from .core.wrappers import ModulesToSaveWrapper
 from .mapping import get_peft_model, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from .methods.lokr import LoKrConfig, LoKrLayer
+from .methods.loha import LoHaConfig, LoHaLayer
 from .methods.ia3 import IA3Config, IA3Layer
 from .methods.lora import LoraConfig, LoraLayer
 from .methods.shira import ShiraConfig, ShiraLayer
@@ -40,6 +41,7 @@ LoraModel = AdapterModel  # PEFT's names for the per-method engines
 ShiraModel = AdapterModel
 IA3Model = AdapterModel
 LoKrModel = AdapterModel
+LoHaModel = AdapterModel
 
 __all__ = [
     "AdapterLayer",
@@ -54,6 +56,9 @@ __all__ = [
     "LoKrConfig",
     "LoKrLayer",
     "LoKrModel",
+    "LoHaConfig",
+    "LoHaLayer",
+    "LoHaModel",
     "LoraConfig",
     "LoraLayer",
     "LoraModel",

@@ -118,12 +118,23 @@ def _lokr_full(target: str, init: bool = False) -> peftkit.PeftConfig:
     return peftkit.LoKrConfig(r=8, alpha=4, target_modules=[target], init_weights=init)  # full W1 and W2
 
 
+def _loha(target: str, init: bool = False) -> peftkit.PeftConfig:
+    # CP cores (hada_t1/t2) on the 3×3 conv
+    return peftkit.LoHaConfig(r=2, alpha=3, target_modules=[target], init_weights=init, use_effective_conv2d=True)
+
+
+def _loha_flat(target: str, init: bool = False) -> peftkit.PeftConfig:
+    return peftkit.LoHaConfig(r=3, alpha=2, target_modules=[target], init_weights=init)  # flattened factors
+
+
 METHODS = [
     MethodCase("lora", _lora),
     MethodCase("dora", _dora, stackable=False),
     MethodCase("shira", _shira, kinds=("linear", "conv1d")),  # nn.Linear and transformers Conv1D only
     MethodCase("lokr", _lokr, kinds=("linear", "conv1d", "conv2d")),  # no Embedding (as PEFT)
     MethodCase("lokr_full", _lokr_full, kinds=("linear", "conv1d", "conv2d")),
+    MethodCase("loha", _loha, kinds=("linear", "conv1d", "conv2d")),  # no Embedding (as PEFT)
+    MethodCase("loha_flat", _loha_flat, kinds=("linear", "conv1d", "conv2d")),
     MethodCase("ia3", _ia3, kinds=("linear", "conv1d", "conv2d")),  # no nn.Embedding (as PEFT)
     MethodCase("ia3_ff", _ia3_ff, kinds=("linear", "conv1d", "conv2d")),
 ]

@@ -4,3 +4,4 @@ from . import lora  # noqa: F401
 from . import shira  # noqa: F401
 from . import lokr  # noqa: F401
 from . import ia3  # noqa: F401
+from . import loha  # noqa: F401
