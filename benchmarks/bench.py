@@ -30,6 +30,7 @@ Usage::
     python benchmarks/bench.py --device cuda   # on a GPU machine
     python benchmarks/bench.py --child train_step peftkit --repeats 5   # one child alone (profiling)
     python benchmarks/bench.py --quick --cases shira   # all shira_* cases ("shira" expands to them)
+    python benchmarks/bench.py --cases lokr,ia3        # the lokr_* and ia3_* cases (~3 min full, quiet)
     python benchmarks/bench.py --child shira_switch_merged peftkit_lora   # a SHiRA case's LoRA reference alone
     PYTHONPATH=/path/to/checkout/src python benchmarks/bench.py   # measure another peftkit tree
                                                                    # (its path and git commit are printed)
@@ -99,6 +100,22 @@ shown for context).
                         (LoRA, init_lora_weights=False). Target: from_pretrained ≤ 1.5 × peftkit LoRA.
                         Checked: the loaded values and positions equal the saved ones.
 
+LoKr and IA3 cases (lokr_*, ia3_*): tables of the same kind as SHiRA's, one per method, peftkit's method
+against peft's (targets from METHOD_TARGETS) and the frozen base (context). Same model, batch and target
+modules as train_step. LoKr: LoKrConfig(r=16, alpha=32), PEFT's defaults otherwise (init_weights=True: W1 = 0,
+so the model starts as the base). IA3: IA3Config(all linear layers, feedforward_modules = gate_proj,
+up_proj, down_proj; vectors start at 1). A method that the peftkit under test lacks (no LoKrConfig /
+IA3Config) fails its cases with a message saying so; the other cases still run, the failures are listed
+at the end and the exit status is 1 (this holds for any case whose child dies).
+  lokr_train_step     train_step with LoKr; children peftkit, peft, base. Target ≤ 0.5 × peft LoKr.
+                      Checked: first-step losses agree (all equal the base's), equal trainable counts.
+  lokr_train_memory   train_memory with LoKr; children peftkit, peft. Target: peak ≤ peft LoKr (plus the
+                      row above the RSS after imports on CPU, no target).
+  ia3_train_step      train_step with IA3; children peftkit, peft, base. Target ≤ 1.0 × peft IA3.
+                      Checked: first-step losses agree, and (init deterministic) the loss after one AdamW
+                      step agrees between peftkit and peft; equal trainable counts.
+  ia3_train_memory    train_memory with IA3; children peftkit, peft. Target: peak ≤ peft IA3.
+
 Noise on shared cores: when a co-tenant loads one of the two vCPUs, 2-thread GEMMs wait on
 the slow thread and steps run up to ~10x slower for seconds at a time. Interleaving keeps the
 ratios fair, but absolute times swing; the notes under the table give each sample range and
@@ -122,14 +139,21 @@ import time
 MARK = "@@BENCH@@ "
 SHIRA_CASES = ("shira_train_step", "shira_train_memory", "shira_switch_merged", "shira_get_peft_model",
                "shira_save_load")
+LOKR_CASES = ("lokr_train_step", "lokr_train_memory")
+IA3_CASES = ("ia3_train_step", "ia3_train_memory")
+# Method cases: peftkit's <method> against peft's <method> and other references, in a table of their own;
+# the group name on --cases ("shira", "lokr", "ia3") expands to all of a method's cases.
+METHOD_CASES = {"shira": SHIRA_CASES, "lokr": LOKR_CASES, "ia3": IA3_CASES}
+METHOD_NAMES = {"shira": "SHiRA", "lokr": "LoKr", "ia3": "IA3"}
 CASES = ("train_step", "get_peft_model", "merge_and_unload", "save_load", "train_memory",
-         "dora_train_step", "dora_eval_forward", "mixed_batch", "switch_merged", "weighted_svd", *SHIRA_CASES)
+         "dora_train_step", "dora_eval_forward", "mixed_batch", "switch_merged", "weighted_svd", *SHIRA_CASES,
+         *LOKR_CASES, *IA3_CASES)
 LIBS = ("peftkit", "peft")
 BASE = "base"
 # Reference children of the SHiRA cases: the same library running LoRA (r=16, alpha=32) instead.
 REF_LIBS = ("peftkit_lora", "peft_lora")
 CHILD_LIBS = (*LIBS, BASE, *REF_LIBS)
-MEMORY_CASES = ("train_memory", "shira_train_memory")
+MEMORY_CASES = ("train_memory", "shira_train_memory", "lokr_train_memory", "ia3_train_memory")
 # In a SHiRA case, "peftkit" and "peft" run SHiRA; the others are references for peftkit's SHiRA.
 SHIRA_LIBS = {
     "shira_train_step": ["peftkit", "peft", "peftkit_lora", BASE],
@@ -138,8 +162,17 @@ SHIRA_LIBS = {
     "shira_get_peft_model": ["peftkit", "peft"],
     "shira_save_load": ["peftkit", "peft", "peftkit_lora"],
 }
-LIB_LABELS = {"peftkit": "peftkit SHiRA", "peft": "peft SHiRA", "peftkit_lora": "peftkit LoRA",
-              "peft_lora": "peft LoRA", BASE: "base"}
+# Children of every method case (in the LoKr and IA3 cases "peftkit" and "peft" run that method).
+METHOD_LIBS = {
+    **SHIRA_LIBS,
+    "lokr_train_step": ["peftkit", "peft", BASE],
+    "lokr_train_memory": ["peftkit", "peft"],
+    "ia3_train_step": ["peftkit", "peft", BASE],
+    "ia3_train_memory": ["peftkit", "peft"],
+}
+# Names of the reference children in the method tables ("peftkit"/"peft": "<lib> <method>", see _label).
+LIB_LABELS = {"peftkit_lora": "peftkit LoRA", "peft_lora": "peft LoRA", BASE: "base"}
+
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Model and batch sizes.
@@ -153,23 +186,28 @@ MIXED_ADAPTERS, MIXED_BATCH, MIXED_SEQ = 8, 16, 64
 SWITCH_HIDDEN, SWITCH_INTERMEDIATE, SWITCH_LAYERS, SWITCH_HEADS, SWITCH_VOCAB = 2048, 5504, 2, 16, 1000
 # SHiRA: r=16 trains r·(m+n) entries per layer, LoRA r=16's parameter count; fixed mask seeds
 SHIRA_SEED, SHIRA_SEED_B = 42, 43
+# IA3: the MLP projections scale their input (feedforward_modules must be a subset of the targets)
+IA3_FEEDFORWARD = ["gate_proj", "up_proj", "down_proj"]
 
 # Timed samples per child, warm-up samples per child, and rounds (fresh sets of children).
 DEFAULT_REPEATS = {
     "full": {"train_step": 8, "get_peft_model": 8, "merge_and_unload": 12, "save_load": 12, "train_memory": 1,
              "dora_train_step": 10, "dora_eval_forward": 15, "mixed_batch": 20, "switch_merged": 10,
              "weighted_svd": 5, "shira_train_step": 8, "shira_train_memory": 1, "shira_switch_merged": 10,
-             "shira_get_peft_model": 4, "shira_save_load": 12},
+             "shira_get_peft_model": 4, "shira_save_load": 12, "lokr_train_step": 8, "lokr_train_memory": 1,
+             "ia3_train_step": 8, "ia3_train_memory": 1},
     "quick": {"train_step": 2, "get_peft_model": 2, "merge_and_unload": 3, "save_load": 3, "train_memory": 1,
               "dora_train_step": 3, "dora_eval_forward": 6, "mixed_batch": 8, "switch_merged": 3,
               "weighted_svd": 2, "shira_train_step": 2, "shira_train_memory": 1, "shira_switch_merged": 4,
-              "shira_get_peft_model": 2, "shira_save_load": 3},
+              "shira_get_peft_model": 2, "shira_save_load": 3, "lokr_train_step": 2, "lokr_train_memory": 1,
+              "ia3_train_step": 2, "ia3_train_memory": 1},
 }
 DEFAULT_TRAIN_WARMUP = {"full": 2, "quick": 1}
 OTHER_WARMUP = {"train_step": None, "get_peft_model": 1, "merge_and_unload": 1, "save_load": 1, "train_memory": 0,
                 "dora_train_step": None, "dora_eval_forward": 1, "mixed_batch": 1, "switch_merged": 1,
                 "weighted_svd": 1, "shira_train_step": None, "shira_train_memory": 0, "shira_switch_merged": 1,
-                "shira_get_peft_model": 1, "shira_save_load": 1}
+                "shira_get_peft_model": 1, "shira_save_load": 1, "lokr_train_step": None, "lokr_train_memory": 0,
+                "ia3_train_step": None, "ia3_train_memory": 0}
 DEFAULT_ROUNDS = {"full": 2, "quick": 1}
 
 # Targets on the ratio peftkit / peft (None: reported without a target).
@@ -208,9 +246,30 @@ SHIRA_TARGETS = {
 }
 SHIRA_TIME_METRICS = ("shira_train_step", "shira_switch_merged", "shira_get_peft_model", "shira_save_pretrained",
                       "shira_from_pretrained")
+# LoKr and IA3 cases: the same kind of table (peftkit's method / reference), targets from the issue.
+METHOD_TARGETS = {
+    **SHIRA_TARGETS,
+    ("lokr_train_step", "peft"): ("<=", 0.5),
+    ("lokr_train_memory", "peft"): ("<=", 1.0),
+    ("ia3_train_step", "peft"): ("<=", 1.0),
+    ("ia3_train_memory", "peft"): ("<=", 1.0),
+}
+METHOD_TIME_METRICS = {"shira": SHIRA_TIME_METRICS, "lokr": ("lokr_train_step",), "ia3": ("ia3_train_step",)}
 # Derived rows: the cost above the base of a case with a base child, (lib - base) per repeat.
 ABOVE_BASE = {"dora_train_step": "dora_train_step_above_base", "dora_eval_forward": "dora_eval_forward_above_base",
               "mixed_batch": "mixed_batch_above_base"}
+
+
+def _method_of(case: str) -> str | None:
+    """The method of a method case ("shira", "lokr", "ia3"), else None."""
+    return next((m for m, cs in METHOD_CASES.items() if case in cs), None)
+
+
+def _label(lib: str, method: str) -> str:
+    """A child's name in a method table: "peftkit LoKr", "peft IA3", "peftkit LoRA", "base"."""
+    if lib in LIBS:
+        return f"{lib} {METHOD_NAMES[method]}"
+    return LIB_LABELS[lib]
 
 
 def _set_env(env: dict, threads: int) -> None:
@@ -277,12 +336,22 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     if pkg == "peft":
         import peft as L
     elif pkg == "peftkit":
-        import peftkit as L
+        try:
+            import peftkit as L
+        except Exception as e:  # e.g. a method half-written by someone: one clear line in the failure list
+            raise SystemExit(f"case {case}: import peftkit failed: {type(e).__name__}: {e}") from e
     else:
         L = None
     import_s = time.perf_counter() - t_import
-    # SHiRA cases: "peftkit" and "peft" run SHiRA, "peftkit_lora" and "peft_lora" LoRA (references)
-    use_shira = case in SHIRA_CASES and L is not None and lib in LIBS
+    # method cases: "peftkit" and "peft" run the method, "peftkit_lora" and "peft_lora" LoRA (references)
+    method = _method_of(case)
+    use_method = method is not None and L is not None and lib in LIBS
+    use_shira = use_method and method == "shira"
+    cfg_name = {"shira": "ShiraConfig", "lokr": "LoKrConfig", "ia3": "IA3Config"}.get(method or "")
+    if use_method and not hasattr(L, cfg_name):
+        # e.g. a peftkit tree without that method yet: say so instead of a traceback deep in setup
+        raise SystemExit(f"case {case}: {pkg} {getattr(L, '__version__', '?')} at {os.path.dirname(L.__file__)} "
+                         f"has no {cfg_name} (method {METHOD_NAMES[method]} not implemented or not importable)")
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -326,9 +395,23 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
         return L.ShiraConfig(r=RANK, target_modules=list(TARGET_MODULES), init_weights=init, random_seed=seed,
                              task_type="CAUSAL_LM")
 
+    def lokr_config():
+        # PEFT's LoKr defaults otherwise: init_weights=True (W1 = 0), no decompose_both, decompose_factor=-1
+        return L.LoKrConfig(r=RANK, alpha=ALPHA, target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
+
+    def ia3_config():
+        return L.IA3Config(target_modules=list(TARGET_MODULES), feedforward_modules=list(IA3_FEEDFORWARD),
+                           task_type="CAUSAL_LM")
+
     def adapter_config(init: bool = True, seed: int = SHIRA_SEED):
-        """This child's method in a SHiRA case: SHiRA r=16 (peftkit, peft) or LoRA r=16 (references)."""
-        return shira_config(init, seed) if use_shira else lora_config(init)
+        """This child's adapter in a method case: the method (peftkit, peft) or LoRA r=16 (references)."""
+        if not use_method:
+            return lora_config(init)
+        if method == "lokr":
+            return lokr_config()
+        if method == "ia3":
+            return ia3_config()
+        return shira_config(init, seed)
 
     def shira_layers(model):
         """(module, base weight) of every SHiRA layer, found the same way in both libraries."""
@@ -377,7 +460,7 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
                 return loss.detach()
 
         else:
-            model = L.get_peft_model(model, adapter_config() if use_shira else lora_config(dora=dora))
+            model = L.get_peft_model(model, adapter_config() if method else lora_config(dora=dora))
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -393,12 +476,16 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
 
     # Each case: setup here, then sample() -> {metric: seconds} (one repeat).
     cleanup = None
-    if case in ("train_step", "dora_train_step", "shira_train_step"):
+    if case in ("train_step", "dora_train_step", "shira_train_step", "lokr_train_step", "ia3_train_step"):
         step = train_setup(dora=case == "dora_train_step")
+        losses: list[float] = []
 
         def sample():
             dt, loss = timed(step)
-            info.setdefault("loss_first_step", float(loss))
+            if len(losses) < 2:  # the loss at init, and after one optimizer step
+                losses.append(float(loss))
+                info.setdefault("loss_first_step", losses[0])
+                info["losses_first_steps"] = list(losses)
             return {case: dt}
 
     elif case == "dora_eval_forward":
@@ -771,8 +858,8 @@ class Child:
 
 
 def _libs_for(case: str, quick: bool) -> list[str]:
-    if case in SHIRA_LIBS:
-        return list(SHIRA_LIBS[case])
+    if case in METHOD_LIBS:
+        return list(METHOD_LIBS[case])
     if case in ("train_step", "dora_train_step", "dora_eval_forward", "mixed_batch") or (
             case == "train_memory" and not quick):
         return [*LIBS, BASE]
@@ -874,28 +961,28 @@ def summarise(children: list[dict], device: str) -> list[dict]:
     return rows
 
 
-def _shira_refs(libs) -> list[str]:
-    """The reference children present, in a fixed order (peftkit's SHiRA is the numerator)."""
+def _method_refs(libs) -> list[str]:
+    """The reference children present, in a fixed order (peftkit's method is the numerator)."""
     return [lib for lib in ("peft", "peftkit_lora", "peft_lora", BASE) if lib in libs]
 
 
 def _vs_row(metric: str, kind: str, ref: str, raw: dict[str, list[float]], ratio: float | None) -> dict:
     k, r = _median(raw["peftkit"]), _median(raw[ref])
-    op, bound = SHIRA_TARGETS.get((metric, ref), (None, None))
+    op, bound = METHOD_TARGETS.get((metric, ref), (None, None))
     met = None if bound is None or ratio is None else (ratio < bound if op == "<" else ratio <= bound)
     return {"case": metric, "kind": kind, "ref": ref, "peftkit": k, "reference": r, "ratio": ratio,
             "ratio_of_medians": _ratio(k, r), "target": bound, "target_op": op, "met": met,
             "samples": {"peftkit": raw["peftkit"], ref: raw[ref]}}
 
 
-def summarise_shira(children: list[dict], device: str) -> list[dict]:
-    """SHiRA cases: one row per (metric, reference): peftkit's SHiRA against peft's SHiRA, a LoRA, the base.
+def summarise_method(children: list[dict], device: str, method: str = "shira") -> list[dict]:
+    """A method's cases: one row per (metric, reference): peftkit's method against peft's, a LoRA, the base.
 
     Times: the ratio is the median over repeats of peftkit_i / reference_i (samples taken back to
     back), as in the main table. Memory: the ratio of the peaks.
     """
     rows = []
-    for metric in SHIRA_TIME_METRICS:
+    for metric in METHOD_TIME_METRICS[method]:
         by: dict[str, list[float]] = {}
         per_round: dict[int, dict[str, list[float]]] = {}
         for ch in children:
@@ -904,20 +991,21 @@ def summarise_shira(children: list[dict], device: str) -> list[dict]:
                 by.setdefault(ch["lib"], []).extend(xs)
                 per_round.setdefault(ch["round"], {})[ch["lib"]] = xs
         if "peftkit" in by:
-            for ref in _shira_refs(by):
+            for ref in _method_refs(by):
                 rows.append(_vs_row(metric, "vs_time", ref, by, _paired(per_round, "peftkit", ref)))
-    mem = [c for c in children if c["case"] == "shira_train_memory"]
+    mem_case = f"{method}_train_memory"
+    mem = [c for c in children if c["case"] == mem_case]
     key = "cuda_peak_mb" if device == "cuda" else "peak_rss_mb"
-    variants = [("shira_train_memory", lambda c: c[key])]
+    variants = [(mem_case, lambda c: c[key])]
     if device != "cuda":  # the import footprints differ between libraries: the peak above it, for context
-        variants.append(("shira_train_memory_above_import",
+        variants.append((f"{mem_case}_above_import",
                          lambda c: c["peak_rss_mb"] - c["info"]["rss_after_import_mb"]))
     for metric, get in variants:
         raw: dict[str, list[float]] = {}
         for c in mem:
             raw.setdefault(c["lib"], []).append(get(c))
         if "peftkit" in raw:
-            for ref in _shira_refs(raw):
+            for ref in _method_refs(raw):
                 rows.append(_vs_row(metric, "vs_memory", ref, raw, _ratio(_median(raw["peftkit"]), _median(raw[ref]))))
     return rows
 
@@ -979,16 +1067,17 @@ def markdown(rows: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
-def markdown_shira(rows: list[dict], device: str) -> str:
+def markdown_method(rows: list[dict], device: str, method: str = "shira") -> str:
     mem_label = "peak CUDA alloc" if device == "cuda" else "peak RSS"
-    lines = ["| case | peftkit SHiRA | reference | reference's | ratio peftkit SHiRA / reference | target "
+    me = _label("peftkit", method)
+    lines = [f"| case | {me} | reference | reference's | ratio {me} / reference | target "
              "| ratio of medians |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["case"] == "shira_train_memory":
-            name, fmt = f"shira_train_memory ({mem_label}, {MEMORY_STEPS} steps)", _fmt_mb
-        elif r["case"] == "shira_train_memory_above_import":
-            name, fmt = "shira_train_memory (peak RSS − RSS after imports)", _fmt_mb
+        if r["case"] == f"{method}_train_memory":
+            name, fmt = f"{r['case']} ({mem_label}, {MEMORY_STEPS} steps)", _fmt_mb
+        elif r["case"] == f"{method}_train_memory_above_import":
+            name, fmt = f"{method}_train_memory (peak RSS − RSS after imports)", _fmt_mb
         else:
             name, fmt = r["case"], _fmt_time
         if r["target"] is None:
@@ -996,61 +1085,82 @@ def markdown_shira(rows: list[dict], device: str) -> str:
         else:
             op = "<" if r["target_op"] == "<" else "≤"
             tgt = f"{op} {r['target']:.2f} " + ("(met)" if r["met"] else "(MISSED)")
-        lines.append(f"| {name} | {fmt(r['peftkit'])} | {LIB_LABELS[r['ref']]} | {fmt(r['reference'])} | "
+        lines.append(f"| {name} | {fmt(r['peftkit'])} | {_label(r['ref'], method)} | {fmt(r['reference'])} | "
                      f"{_fmt_ratio(r['ratio'])} | {tgt} | {_fmt_ratio(r['ratio_of_medians'])} |")
     return "\n".join(lines)
 
 
-def shira_notes(rows: list[dict], children: list[dict]) -> str:
+def method_notes(rows: list[dict], children: list[dict], method: str = "shira") -> str:
     out = []
-    sh = [c for c in children if c["case"] in SHIRA_CASES]
+    sh = [c for c in children if c["case"] in METHOD_CASES[method]]
+    step_case, mem_case = f"{method}_train_step", f"{method}_train_memory"
+
+    def lab(lib: str) -> str:
+        return _label(lib, method)
 
     def per_lib(case: str, key: str, first_round: bool = False) -> dict:
         return {c["lib"]: c["info"][key] for c in sh
                 if c["case"] == case and key in c["info"] and (c["round"] == 0 or not first_round)}
 
-    for metric in SHIRA_TIME_METRICS:
+    for metric in METHOD_TIME_METRICS[method]:
         samples: dict[str, list[float]] = {}
         for r in rows:
             if r["case"] == metric:
                 samples.update(r["samples"])
         if samples:
-            parts = [f"{LIB_LABELS[lib]} {_fmt_time(min(xs))}..{_fmt_time(max(xs))} (n={len(xs)})"
+            parts = [f"{lab(lib)} {_fmt_time(min(xs))}..{_fmt_time(max(xs))} (n={len(xs)})"
                      for lib, xs in samples.items()]
             rmin = [f"{lib} {min(samples['peftkit']) / min(xs):.3f}" for lib, xs in samples.items() if lib != "peftkit"]
             out.append(f"- {metric} sample range: " + "; ".join(parts) + "; ratio of minima vs " + ", ".join(rmin))
-    losses = per_lib("shira_train_step", "loss_first_step", first_round=True)
+    init_note = {"shira": "SHiRA values 0 and LoRA B = 0 at init", "lokr": "LoKr W1 = 0 at init",
+                 "ia3": "IA3 vectors 1 at init"}[method]
+    losses = per_lib(step_case, "loss_first_step", first_round=True)
     if losses:
-        out.append("- shira_train_step first-step loss (SHiRA values 0 and LoRA B = 0 at init: all should agree): "
-                   + ", ".join(f"{LIB_LABELS[k]} {v:.5f}" for k, v in losses.items()))
+        out.append(f"- {step_case} first-step loss ({init_note}: all should agree): "
+                   + ", ".join(f"{lab(k)} {v:.5f}" for k, v in losses.items()))
         spread = max(losses.values()) - min(losses.values())
-        out.append(f"- shira_train_step first-step losses agree: {spread < 1e-4} (spread {spread:.1e})")
-    params = per_lib("shira_train_step", "trainable_params", first_round=True)
+        out.append(f"- {step_case} first-step losses agree: {spread < 1e-4} (spread {spread:.1e})")
+    if method == "ia3":  # deterministic init (ones), so the loss after one AdamW step agrees too
+        second = {k: v[1] for k, v in per_lib(step_case, "losses_first_steps", first_round=True).items()
+                  if len(v) > 1 and k in LIBS}
+        if len(second) == 2:
+            spread = max(second.values()) - min(second.values())
+            out.append(f"- {step_case} loss after one AdamW step (same init): "
+                       + ", ".join(f"{lab(k)} {v:.5f}" for k, v in second.items())
+                       + f"; agree: {spread < 1e-3} (spread {spread:.1e})")
+    params = per_lib(step_case, "trainable_params", first_round=True)
     if params:
-        out.append("- shira_train_step trainable parameters (SHiRA r=16 and LoRA r=16: r·(m+n) per layer): "
-                   + ", ".join(f"{LIB_LABELS[k]} {v:,}" for k, v in params.items()))
-    over = {r["ref"]: r for r in rows if r["case"] == "shira_train_step"}
+        what = {"shira": "SHiRA r=16 and LoRA r=16: r·(m+n) per layer", "lokr": f"LoKr r={RANK}",
+                "ia3": "IA3: one vector per layer"}[method]
+        same = len({v for k, v in params.items() if k in LIBS}) == 1
+        out.append(f"- {step_case} trainable parameters ({what}): "
+                   + ", ".join(f"{lab(k)} {v:,}" for k, v in params.items())
+                   + f"; peftkit == peft: {same}")
+    over = {r["ref"]: r for r in rows if r["case"] == step_case}
     if BASE in over:
-        parts = [f"peftkit SHiRA {(over[BASE]['ratio'] - 1) * 100:+.1f}%"]
+        parts = [f"{lab('peftkit')} {(over[BASE]['ratio'] - 1) * 100:+.1f}%"]
+        floor = ""
         for ref in ("peft", "peftkit_lora"):  # lib / base from the other children's samples, paired the same way
             by_round: dict[int, dict[str, list[float]]] = {}
             for c in sh:
-                if c["case"] == "shira_train_step" and c["samples"].get("shira_train_step"):
-                    by_round.setdefault(c["round"], {})[c["lib"]] = c["samples"]["shira_train_step"]
+                if c["case"] == step_case and c["samples"].get(step_case):
+                    by_round.setdefault(c["round"], {})[c["lib"]] = c["samples"][step_case]
             r = _paired(by_round, ref, BASE)
             if r is not None:
-                parts.append(f"{LIB_LABELS[ref]} {(r - 1) * 100:+.1f}%")
-        out.append("- shira_train_step cost above the frozen base (median per-repeat lib/base - 1): "
-                   + ", ".join(parts))
-    mem = [c for c in sh if c["case"] == "shira_train_memory"]
+                parts.append(f"{lab(ref)} {(r - 1) * 100:+.1f}%")
+                if ref == "peft":  # an adapter step also runs the frozen base's work: peftkit/peft can't go lower
+                    floor = f"; floor of peftkit/peft (base/peft, paired) {1 / r:.3f}"
+        out.append(f"- {step_case} cost above the frozen base (median per-repeat lib/base - 1): "
+                   + ", ".join(parts) + floor)
+    mem = [c for c in sh if c["case"] == mem_case]
     if mem:
         parts = []
         for c in mem:
             i = c["info"]
-            parts.append(f"{LIB_LABELS[c['lib']]}: after imports {i['rss_after_import_mb']:.0f} MB, after build "
+            parts.append(f"{lab(c['lib'])}: after imports {i['rss_after_import_mb']:.0f} MB, after build "
                          f"{i['rss_after_build_mb']:.0f} MB, peak {c['peak_rss_mb']:.0f} MB"
                          + (f", CUDA peak {c['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in c else ""))
-        out.append("- shira_train_memory RSS (the peak includes imports and the model): " + "; ".join(parts))
+        out.append(f"- {mem_case} RSS (the peak includes imports and the model): " + "; ".join(parts))
     checks = [("shira_switch_merged", "switch_ok", "switch_err",
                "weights after a -> b and b -> a equal the original + the new adapter's delta (max abs diff)"),
               ("shira_get_peft_model", "mask_ok", None, "r·(m+n) distinct in-range positions in every layer"),
@@ -1064,7 +1174,7 @@ def shira_notes(rows: list[dict], children: list[dict]) -> str:
                 agg[c["lib"]] = (ok and bool(c["info"][flag]), x if v is None else max(v, x) if x is not None else v)
         if agg:
             out.append(f"- {case}: {text}: " + ", ".join(
-                f"{LIB_LABELS[k]}={ok}" + (f" ({v:.1e})" if v is not None else "") for k, (ok, v) in agg.items()))
+                f"{lab(k)}={ok}" + (f" ({v:.1e})" if v is not None else "") for k, (ok, v) in agg.items()))
     return "\n".join(out)
 
 
@@ -1170,7 +1280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats, one round (CI smoke, ~5 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cases", default=",".join(CASES),
-                    help=f"comma-separated subset of {','.join(CASES)} (\"shira\": all shira_* cases)")
+                    help=f"comma-separated subset of {','.join(CASES)} (groups \"shira\", \"lokr\", \"ia3\": "
+                         "all of that method's cases)")
     ap.add_argument("--repeats", type=int, default=None, help="timed samples per child (default: per case)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per child for train_step")
     ap.add_argument("--rounds", type=int, default=None, help="fresh sets of children per case (default 2, quick 1)")
@@ -1195,10 +1306,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    cases = [x for c in cases for x in (SHIRA_CASES if c == "shira" else (c,))]  # "shira": every shira_* case
+    # a method's name ("shira", "lokr", "ia3") stands for all of its cases
+    cases = list(dict.fromkeys(x for c in cases for x in METHOD_CASES.get(c, (c,))))
     bad = [c for c in cases if c not in CASES]
     if bad:
-        ap.error(f"unknown case(s) {bad}; choose from {', '.join(CASES)}")
+        ap.error(f"unknown case(s) {bad}; choose from {', '.join(CASES)} or the groups {', '.join(METHOD_CASES)}")
     rounds = args.rounds or DEFAULT_ROUNDS[mode]
     if args.device == "cuda":
         import torch
@@ -1212,15 +1324,24 @@ def main(argv: list[str] | None = None) -> int:
     log(f"# peftkit vs peft: {mode} run, device={args.device}, threads={args.threads}, rounds={rounds}")
     t_start = time.perf_counter()
     children: list[dict] = []
+    failed: dict[str, str] = {}
     for rnd in range(rounds):
         for case in cases:
             if case in MEMORY_CASES and rnd > 0:
                 continue  # peak memory barely moves between runs: one set of children
-            children += drive_case(case, rnd, args, mode, log)
+            if case in failed:
+                continue
+            try:
+                children += drive_case(case, rnd, args, mode, log)
+            except RuntimeError as e:  # a child died (e.g. a method not implemented yet): report, go on
+                failed[case] = str(e)
+                log(f"  round {rnd} {case:17s} FAILED: {str(e).splitlines()[0]}")
     total = time.perf_counter() - t_start
 
     rows = summarise(children, args.device)
-    shira_rows = summarise_shira(children, args.device)
+    method_rows = {m: summarise_method(children, args.device, m) for m in METHOD_CASES}
+    method_rows = {m: r for m, r in method_rows.items() if r}
+    all_method_rows = [r for rs in method_rows.values() for r in rs]
     import torch
     import transformers
 
@@ -1239,33 +1360,43 @@ def main(argv: list[str] | None = None) -> int:
         dev = f"cpu ({platform.machine()}, {os.cpu_count()} cores visible)"
     print(f"\npeftkit vs peft: {mode} run on {dev}, torch threads={args.threads}, rounds={rounds}, "
           f"wall {total:.0f} s; " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "\n")
-    if rows or not shira_rows:
+    if rows or not (all_method_rows or failed):
         print(markdown(rows, args.device))
         print()
-    print(notes(rows, children))
-    if shira_rows:
-        print("\nSHiRA: peftkit's SHiRA against each reference (peft's SHiRA, the LoRA r=16 of the same "
-              "parameter count, the frozen base); ratios as above, paired per repeat\n")
-        print(markdown_shira(shira_rows, args.device))
+    if children:
+        print(notes(rows, children))
+    intro = {"shira": "peftkit's SHiRA against each reference (peft's SHiRA, the LoRA r=16 of the same "
+                      "parameter count, the frozen base)",
+             "lokr": f"peftkit's LoKr (r={RANK}, alpha={ALPHA}, all linear layers) against peft's LoKr and the "
+                     "frozen base",
+             "ia3": f"peftkit's IA3 (all linear layers, feedforward {'/'.join(IA3_FEEDFORWARD)}) against peft's "
+                    "IA3 and the frozen base"}
+    for m, mrows in method_rows.items():
+        print(f"\n{METHOD_NAMES[m]}: {intro[m]}; ratios as above, paired per repeat\n")
+        print(markdown_method(mrows, args.device, m))
         print()
-        print(shira_notes(shira_rows, children))
+        print(method_notes(mrows, children, m))
     noisy = [r["case"] for r in rows if r["kind"] == "time"
              and any(min(xs) > 0 and max(xs) / min(xs) > 3 for xs in r["samples"].values())]
-    noisy += list(dict.fromkeys(r["case"] for r in shira_rows if r["kind"] == "vs_time"
+    noisy += list(dict.fromkeys(r["case"] for r in all_method_rows if r["kind"] == "vs_time"
                                 and any(min(xs) > 0 and max(xs) / min(xs) > 3 for xs in r["samples"].values())))
     if noisy:
         print(f"\nwarning: samples of {', '.join(noisy)} vary more than 3x: the machine was noisy during the run "
               "(on shared vCPUs, --threads 1 is steadier); trust the paired ratios over the absolute times.")
     missed = [r["case"] for r in rows if r["met"] is False]
-    missed += [f"{r['case']} vs {r['ref']}" for r in shira_rows if r["met"] is False]
+    missed += [f"{r['case']} vs {r['ref']}" for r in all_method_rows if r["met"] is False]
     print("\ntargets missed: " + (", ".join(missed) if missed else "none"))
+    if failed:
+        print("\ncases that failed (no numbers):")
+        for case, err in failed.items():
+            print(f"- {case}: " + "\n  ".join(err.splitlines()[-4:]))
 
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"meta": {"mode": mode, "device": dev, "threads": args.threads, "rounds": rounds,
                                 "cases": cases, "versions": versions, "wall_s": total, "argv": sys.argv[1:]},
-                       "rows": rows + shira_rows, "children": children}, fh, indent=1)
-    return 0
+                       "rows": rows + all_method_rows, "children": children, "failed": failed}, fh, indent=1)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
