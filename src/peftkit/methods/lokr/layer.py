@@ -206,13 +206,14 @@ class LoKrLayer(AdapterLayer):
     def _linear_delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """(..., c·d) -> (..., a·b): vec(W1 X W2ᵀ), in the cheaper of the two orders."""
         a, b, c, d = self._sides[adapter]
-        w1, w2 = self._w1(adapter), self._w2(adapter)
+        w1 = self._w1(adapter) * self.scaling[adapter]  # the scale on the small factor: no activation-sized pass
+        w2 = self._w2(adapter)
         xs = x.reshape(-1, c, d)  # (N, c, d)
         if c * b * (d + a) <= a * d * (c + b):
             y = torch.matmul(w1, xs @ w2.t())  # (N, c, b) -> (N, a, b)
         else:
             y = torch.matmul(w1, xs) @ w2.t()  # (N, a, d) -> (N, a, b)
-        return y.reshape(*x.shape[:-1], self.out_features) * self.scaling[adapter]
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _conv_delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """(N, c·d, *S) -> (N, a·b, *S'): W1 mixes the c channel groups, W2 convolves d -> b channels."""
@@ -220,7 +221,8 @@ class LoKrLayer(AdapterLayer):
         if self._groups != 1 or self._scrambled(adapter):  # ΔW is formed (small: one conv kernel)
             return base._conv_forward(x, self.delta_weight(adapter).view(base.weight.shape), None)
         a, b, c, d = self._sides[adapter]
-        w1, w2 = self._w1(adapter), self._w2(adapter)  # (a, c), (b, d, *k)
+        w1 = self._w1(adapter) * self.scaling[adapter]  # (a, c), scaled: no activation-sized pass
+        w2 = self._w2(adapter)  # (b, d, *k)
         unbatched = x.dim() == self.ops.conv_dim + 1
         if unbatched:
             x = x.unsqueeze(0)
@@ -234,5 +236,4 @@ class LoKrLayer(AdapterLayer):
             y = base._conv_forward(xs.reshape(n * c, d, *spatial), w2, None)  # (n·c, b, *S')
             y = y.reshape(n, c, b, *y.shape[2:])
             y = torch.einsum("ij,nj...->ni...", w1, y).reshape(n, a * b, *y.shape[3:])
-        y = y * self.scaling[adapter]
         return y.squeeze(0) if unbatched else y
