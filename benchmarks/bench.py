@@ -30,7 +30,7 @@ Usage::
     python benchmarks/bench.py --device cuda   # on a GPU machine
     python benchmarks/bench.py --child train_step peftkit --repeats 5   # one child alone (profiling)
     python benchmarks/bench.py --quick --cases shira   # all shira_* cases ("shira" expands to them)
-    python benchmarks/bench.py --cases lokr,ia3        # the lokr_* and ia3_* cases (~3 min full, quiet)
+    python benchmarks/bench.py --cases lokr,loha,ia3   # the lokr_*, loha_* and ia3_* cases (~4 min full, quiet)
     python benchmarks/bench.py --child shira_switch_merged peftkit_lora   # a SHiRA case's LoRA reference alone
     PYTHONPATH=/path/to/checkout/src python benchmarks/bench.py   # measure another peftkit tree
                                                                    # (its path and git commit are printed)
@@ -100,7 +100,7 @@ shown for context).
                         (LoRA, init_lora_weights=False). Target: from_pretrained ≤ 1.5 × peftkit LoRA.
                         Checked: the loaded values and positions equal the saved ones.
 
-LoKr and IA3 cases (lokr_*, ia3_*): tables of the same kind as SHiRA's, one per method, peftkit's method
+LoKr, LoHa and IA3 cases (lokr_*, loha_*, ia3_*): tables of the same kind as SHiRA's, one per method, peftkit's method
 against peft's (targets from METHOD_TARGETS) and the frozen base (context). Same model, batch and target
 modules as train_step. LoKr: LoKrConfig(r=16, alpha=32), PEFT's defaults otherwise (init_weights=True: W1 = 0,
 so the model starts as the base). IA3: IA3Config(all linear layers, feedforward_modules = gate_proj,
@@ -109,6 +109,8 @@ IA3Config) fails its cases with a message saying so; the other cases still run, 
 at the end and the exit status is 1 (this holds for any case whose child dies).
   lokr_train_step     train_step with LoKr; children peftkit, peft, base. Target ≤ 0.5 × peft LoKr.
                       Checked: first-step losses agree (all equal the base's), equal trainable counts.
+  loha_train_step     train_step with LoHa (r=16, alpha=32); children peftkit, peft, base. Target ≤ 0.6 × peft LoHa.
+  loha_train_memory   train_memory with LoHa; children peftkit, peft. Target: peak ≤ peft LoHa.
   lokr_train_memory   train_memory with LoKr; children peftkit, peft. Target: peak ≤ peft LoKr (plus the
                       row above the RSS after imports on CPU, no target).
   ia3_train_step      train_step with IA3; children peftkit, peft, base. Target ≤ 1.0 × peft IA3.
@@ -140,20 +142,21 @@ MARK = "@@BENCH@@ "
 SHIRA_CASES = ("shira_train_step", "shira_train_memory", "shira_switch_merged", "shira_get_peft_model",
                "shira_save_load")
 LOKR_CASES = ("lokr_train_step", "lokr_train_memory")
+LOHA_CASES = ("loha_train_step", "loha_train_memory")
 IA3_CASES = ("ia3_train_step", "ia3_train_memory")
 # Method cases: peftkit's <method> against peft's <method> and other references, in a table of their own;
-# the group name on --cases ("shira", "lokr", "ia3") expands to all of a method's cases.
-METHOD_CASES = {"shira": SHIRA_CASES, "lokr": LOKR_CASES, "ia3": IA3_CASES}
-METHOD_NAMES = {"shira": "SHiRA", "lokr": "LoKr", "ia3": "IA3"}
+# the group name on --cases ("shira", "lokr", "loha", "ia3") expands to all of a method's cases.
+METHOD_CASES = {"shira": SHIRA_CASES, "lokr": LOKR_CASES, "loha": LOHA_CASES, "ia3": IA3_CASES}
+METHOD_NAMES = {"shira": "SHiRA", "lokr": "LoKr", "loha": "LoHa", "ia3": "IA3"}
 CASES = ("train_step", "get_peft_model", "merge_and_unload", "save_load", "train_memory",
          "dora_train_step", "dora_eval_forward", "mixed_batch", "switch_merged", "weighted_svd", *SHIRA_CASES,
-         *LOKR_CASES, *IA3_CASES)
+         *LOKR_CASES, *LOHA_CASES, *IA3_CASES)
 LIBS = ("peftkit", "peft")
 BASE = "base"
 # Reference children of the SHiRA cases: the same library running LoRA (r=16, alpha=32) instead.
 REF_LIBS = ("peftkit_lora", "peft_lora")
 CHILD_LIBS = (*LIBS, BASE, *REF_LIBS)
-MEMORY_CASES = ("train_memory", "shira_train_memory", "lokr_train_memory", "ia3_train_memory")
+MEMORY_CASES = ("train_memory", "shira_train_memory", "lokr_train_memory", "loha_train_memory", "ia3_train_memory")
 # In a SHiRA case, "peftkit" and "peft" run SHiRA; the others are references for peftkit's SHiRA.
 SHIRA_LIBS = {
     "shira_train_step": ["peftkit", "peft", "peftkit_lora", BASE],
@@ -167,6 +170,8 @@ METHOD_LIBS = {
     **SHIRA_LIBS,
     "lokr_train_step": ["peftkit", "peft", BASE],
     "lokr_train_memory": ["peftkit", "peft"],
+    "loha_train_step": ["peftkit", "peft", BASE],
+    "loha_train_memory": ["peftkit", "peft"],
     "ia3_train_step": ["peftkit", "peft", BASE],
     "ia3_train_memory": ["peftkit", "peft"],
 }
@@ -195,19 +200,19 @@ DEFAULT_REPEATS = {
              "dora_train_step": 10, "dora_eval_forward": 15, "mixed_batch": 20, "switch_merged": 10,
              "weighted_svd": 5, "shira_train_step": 8, "shira_train_memory": 1, "shira_switch_merged": 10,
              "shira_get_peft_model": 4, "shira_save_load": 12, "lokr_train_step": 8, "lokr_train_memory": 1,
-             "ia3_train_step": 8, "ia3_train_memory": 1},
+             "loha_train_step": 8, "loha_train_memory": 1, "ia3_train_step": 8, "ia3_train_memory": 1},
     "quick": {"train_step": 2, "get_peft_model": 2, "merge_and_unload": 3, "save_load": 3, "train_memory": 1,
               "dora_train_step": 3, "dora_eval_forward": 6, "mixed_batch": 8, "switch_merged": 3,
               "weighted_svd": 2, "shira_train_step": 2, "shira_train_memory": 1, "shira_switch_merged": 4,
               "shira_get_peft_model": 2, "shira_save_load": 3, "lokr_train_step": 2, "lokr_train_memory": 1,
-              "ia3_train_step": 2, "ia3_train_memory": 1},
+              "loha_train_step": 2, "loha_train_memory": 1, "ia3_train_step": 2, "ia3_train_memory": 1},
 }
 DEFAULT_TRAIN_WARMUP = {"full": 2, "quick": 1}
 OTHER_WARMUP = {"train_step": None, "get_peft_model": 1, "merge_and_unload": 1, "save_load": 1, "train_memory": 0,
                 "dora_train_step": None, "dora_eval_forward": 1, "mixed_batch": 1, "switch_merged": 1,
                 "weighted_svd": 1, "shira_train_step": None, "shira_train_memory": 0, "shira_switch_merged": 1,
                 "shira_get_peft_model": 1, "shira_save_load": 1, "lokr_train_step": None, "lokr_train_memory": 0,
-                "ia3_train_step": None, "ia3_train_memory": 0}
+                "loha_train_step": None, "loha_train_memory": 0, "ia3_train_step": None, "ia3_train_memory": 0}
 DEFAULT_ROUNDS = {"full": 2, "quick": 1}
 
 # Targets on the ratio peftkit / peft (None: reported without a target).
@@ -251,17 +256,19 @@ METHOD_TARGETS = {
     **SHIRA_TARGETS,
     ("lokr_train_step", "peft"): ("<=", 0.5),
     ("lokr_train_memory", "peft"): ("<=", 1.0),
+    ("loha_train_step", "peft"): ("<=", 0.6),
+    ("loha_train_memory", "peft"): ("<=", 1.0),
     ("ia3_train_step", "peft"): ("<=", 1.0),
     ("ia3_train_memory", "peft"): ("<=", 1.0),
 }
-METHOD_TIME_METRICS = {"shira": SHIRA_TIME_METRICS, "lokr": ("lokr_train_step",), "ia3": ("ia3_train_step",)}
+METHOD_TIME_METRICS = {"shira": SHIRA_TIME_METRICS, "lokr": ("lokr_train_step",), "loha": ("loha_train_step",), "ia3": ("ia3_train_step",)}
 # Derived rows: the cost above the base of a case with a base child, (lib - base) per repeat.
 ABOVE_BASE = {"dora_train_step": "dora_train_step_above_base", "dora_eval_forward": "dora_eval_forward_above_base",
               "mixed_batch": "mixed_batch_above_base"}
 
 
 def _method_of(case: str) -> str | None:
-    """The method of a method case ("shira", "lokr", "ia3"), else None."""
+    """The method of a method case ("shira", "lokr", "loha", "ia3"), else None."""
     return next((m for m, cs in METHOD_CASES.items() if case in cs), None)
 
 
@@ -347,7 +354,7 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     method = _method_of(case)
     use_method = method is not None and L is not None and lib in LIBS
     use_shira = use_method and method == "shira"
-    cfg_name = {"shira": "ShiraConfig", "lokr": "LoKrConfig", "ia3": "IA3Config"}.get(method or "")
+    cfg_name = {"shira": "ShiraConfig", "lokr": "LoKrConfig", "loha": "LoHaConfig", "ia3": "IA3Config"}.get(method or "")
     if use_method and not hasattr(L, cfg_name):
         # e.g. a peftkit tree without that method yet: say so instead of a traceback deep in setup
         raise SystemExit(f"case {case}: {pkg} {getattr(L, '__version__', '?')} at {os.path.dirname(L.__file__)} "
@@ -399,6 +406,10 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
         # PEFT's LoKr defaults otherwise: init_weights=True (W1 = 0), no decompose_both, decompose_factor=-1
         return L.LoKrConfig(r=RANK, alpha=ALPHA, target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
 
+    def loha_config():
+        # PEFT's LoHa defaults otherwise: init_weights=True (hada_w2_b = 0: starts as the base model)
+        return L.LoHaConfig(r=RANK, alpha=ALPHA, target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
+
     def ia3_config():
         return L.IA3Config(target_modules=list(TARGET_MODULES), feedforward_modules=list(IA3_FEEDFORWARD),
                            task_type="CAUSAL_LM")
@@ -409,6 +420,8 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
             return lora_config(init)
         if method == "lokr":
             return lokr_config()
+        if method == "loha":
+            return loha_config()
         if method == "ia3":
             return ia3_config()
         return shira_config(init, seed)
@@ -476,7 +489,8 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
 
     # Each case: setup here, then sample() -> {metric: seconds} (one repeat).
     cleanup = None
-    if case in ("train_step", "dora_train_step", "shira_train_step", "lokr_train_step", "ia3_train_step"):
+    if case in ("train_step", "dora_train_step", "shira_train_step", "lokr_train_step", "loha_train_step",
+                "ia3_train_step"):
         step = train_setup(dora=case == "dora_train_step")
         losses: list[float] = []
 
@@ -1113,6 +1127,7 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
             rmin = [f"{lib} {min(samples['peftkit']) / min(xs):.3f}" for lib, xs in samples.items() if lib != "peftkit"]
             out.append(f"- {metric} sample range: " + "; ".join(parts) + "; ratio of minima vs " + ", ".join(rmin))
     init_note = {"shira": "SHiRA values 0 and LoRA B = 0 at init", "lokr": "LoKr W1 = 0 at init",
+                 "loha": "LoHa hada_w2_b = 0 at init",
                  "ia3": "IA3 vectors 1 at init"}[method]
     losses = per_lib(step_case, "loss_first_step", first_round=True)
     if losses:
@@ -1130,7 +1145,7 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
                        + f"; agree: {spread < 1e-3} (spread {spread:.1e})")
     params = per_lib(step_case, "trainable_params", first_round=True)
     if params:
-        what = {"shira": "SHiRA r=16 and LoRA r=16: r·(m+n) per layer", "lokr": f"LoKr r={RANK}",
+        what = {"shira": "SHiRA r=16 and LoRA r=16: r·(m+n) per layer", "lokr": f"LoKr r={RANK}", "loha": f"LoHa r={RANK}",
                 "ia3": "IA3: one vector per layer"}[method]
         same = len({v for k, v in params.items() if k in LIBS}) == 1
         out.append(f"- {step_case} trainable parameters ({what}): "
@@ -1280,7 +1295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats, one round (CI smoke, ~5 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cases", default=",".join(CASES),
-                    help=f"comma-separated subset of {','.join(CASES)} (groups \"shira\", \"lokr\", \"ia3\": "
+                    help=f"comma-separated subset of {','.join(CASES)} (groups \"shira\", \"lokr\", \"loha\", \"ia3\": "
                          "all of that method's cases)")
     ap.add_argument("--repeats", type=int, default=None, help="timed samples per child (default: per case)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per child for train_step")
@@ -1306,7 +1321,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    # a method's name ("shira", "lokr", "ia3") stands for all of its cases
+    # a method's name ("shira", "lokr", "loha", "ia3") stands for all of its cases
     cases = list(dict.fromkeys(x for c in cases for x in METHOD_CASES.get(c, (c,))))
     bad = [c for c in cases if c not in CASES]
     if bad:
@@ -1368,6 +1383,8 @@ def main(argv: list[str] | None = None) -> int:
     intro = {"shira": "peftkit's SHiRA against each reference (peft's SHiRA, the LoRA r=16 of the same "
                       "parameter count, the frozen base)",
              "lokr": f"peftkit's LoKr (r={RANK}, alpha={ALPHA}, all linear layers) against peft's LoKr and the "
+                     "frozen base",
+             "loha": f"peftkit's LoHa (r={RANK}, alpha={ALPHA}, all linear layers) against peft's LoHa and the "
                      "frozen base",
              "ia3": f"peftkit's IA3 (all linear layers, feedforward {'/'.join(IA3_FEEDFORWARD)}) against peft's "
                     "IA3 and the frozen base"}
