@@ -51,6 +51,23 @@ class PeftConfig:
             self.peft_type = self.peft_type.value
         if self.peft_version is None:
             self.peft_version = PEFT_FORMAT_VERSION
+        self._check_shared_fields()
+
+    def _check_shared_fields(self) -> None:
+        """Rules for fields that several methods' configs have (each rule applies where the field exists)."""
+        name = type(self).__name__
+        for attr in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, attr, None), (list, tuple)):
+                setattr(self, attr, set(getattr(self, attr)))
+        r = getattr(self, "r", 1)
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"{name}.r must be a positive integer, got {r!r}.")
+        for attr in ("rank_dropout", "module_dropout"):
+            p = getattr(self, attr, 0.0)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name}.{attr} is a probability in [0, 1], got {p!r}.")
+        if getattr(self, "layers_pattern", None) and getattr(self, "layers_to_transform", 0) is None:
+            raise ValueError("layers_pattern has no effect without layers_to_transform: set both or neither.")
 
     # ----------------------------------------------------------------- dict / JSON
     def to_dict(self) -> dict[str, Any]:

@@ -42,10 +42,8 @@ class IA3Config(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.IA3
         super().__post_init__()
-        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                setattr(self, name, set(value))
+        if isinstance(self.feedforward_modules, (list, tuple)):
+            self.feedforward_modules = set(self.feedforward_modules)
         if isinstance(self.feedforward_modules, set) and isinstance(self.target_modules, set):
             extra = self.feedforward_modules - self.target_modules
             if extra:

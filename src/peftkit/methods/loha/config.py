@@ -55,17 +55,5 @@ class LoHaConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LOHA
         super().__post_init__()
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple)):
-            self.exclude_modules = set(self.exclude_modules)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"LoHaConfig.r must be a positive integer, got {self.r!r}.")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"LoHaConfig.init_weights must be True or False, got {self.init_weights!r}.")
-        for name in ("rank_dropout", "module_dropout"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"LoHaConfig.{name} is a probability in [0, 1], got {p!r}.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern has no effect without layers_to_transform: set both or neither.")

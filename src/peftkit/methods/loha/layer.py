@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.layer import AdapterLayer
+from ..lycoris import LycorisLayer
 
 
 # ---------------------------------------------------------------------- pure math
@@ -138,40 +138,19 @@ class _HadaWeight(torch.autograd.Function):
         return g1a, g1b, t @ w2b.t(), w2a.t() @ t
 
 
-class LoHaLayer(AdapterLayer):
+class LoHaLayer(LycorisLayer):
     """LoHa on an nn.Linear, transformers Conv1D, nn.Conv1d or nn.Conv2d base layer."""
 
     prefix = "hada_"
+    method_name = "LoHa"
     adapter_attrs = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
     other_attrs = ("r", "alpha", "scaling", "rank_dropout", "module_dropout")
-    supported_kinds = ("linear", "conv")
     # "bypass" or "dense" forces one forward path (tests, benchmarks); None: the cheaper by FLOPs.
     force_path: ClassVar[str | None] = None
 
-    def __init__(self, base_layer: nn.Module, ops: Any = None) -> None:
-        super().__init__(base_layer, ops)
-        if self.ops.kind == "conv" and self.ops.conv_dim not in (1, 2):
-            raise TypeError(f"LoHa adapts nn.Conv1d and nn.Conv2d, not {type(base_layer).__name__}.")
-        for attr in self.adapter_attrs:
-            setattr(self, attr, nn.ParameterDict())
-        self.r: dict[str, int] = {}
-        self.alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.rank_dropout: dict[str, float] = {}
-        self.module_dropout: dict[str, float] = {}
-
     # ------------------------------------------------------------------ create
-    @property
-    def _kernel(self) -> tuple[int, ...]:
-        return tuple(self.base_layer.kernel_size) if self.ops.kind == "conv" else ()
-
-    @property
-    def _groups(self) -> int:
-        return getattr(self.base_layer, "groups", 1) if self.ops.kind == "conv" else 1
-
     def create(self, adapter: str, config: Any, *, r: int, alpha: float, device: Any = None) -> None:
-        if r <= 0:
-            raise ValueError(f"LoHa rank must be positive, got r={r} for adapter {adapter!r}.")
+        self._check_rank(adapter, r)
         kernel = self._kernel
         in_dim = self.in_features // self._groups
         effective = bool(config.use_effective_conv2d) and any(k != 1 for k in kernel)
@@ -192,11 +171,7 @@ class LoHaLayer(AdapterLayer):
             for i in ("1", "2"):
                 getattr(self, f"hada_w{i}_a")[adapter] = new(out, r)
                 getattr(self, f"hada_w{i}_b")[adapter] = new(r, fan_in)
-        self.r[adapter] = r
-        self.alpha[adapter] = alpha
-        self.scaling[adapter] = alpha / r
-        self.rank_dropout[adapter] = float(config.rank_dropout)
-        self.module_dropout[adapter] = float(config.module_dropout)
+        self._record(adapter, config, r, alpha)
         if torch.device(fk["device"]).type != "meta":
             self.reset_parameters(adapter, config.init_weights)
 
@@ -211,11 +186,6 @@ class LoHaLayer(AdapterLayer):
                 params[adapter].zero_()
             else:
                 nn.init.kaiming_uniform_(params[adapter], a=math.sqrt(5))
-
-    def set_scale(self, adapter: str, scale: float) -> None:
-        """Scale an adapter's update by ``scale`` (on top of alpha / r)."""
-        if adapter in self.scaling:
-            self.scaling[adapter] = scale * self.alpha[adapter] / self.r[adapter]
 
     def _factors(self, adapter: str) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, a)[adapter] for a in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
@@ -284,9 +254,6 @@ class LoHaLayer(AdapterLayer):
         return self.base_layer.weight.dtype == self.adapter_dtype()
 
     # ------------------------------------------------------------------ dropout draws (PEFT's order)
-    def _skip_module(self, adapter: str) -> bool:
-        return self.training and not bool(torch.rand(1) > self.module_dropout[adapter])
-
     def _row_scale(self, adapter: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(out,) scale per output feature: alpha / r, times the rank-dropout mask in training."""
         s = torch.full((self.out_features,), self.scaling[adapter], device=device, dtype=dtype)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.layer import AdapterLayer
+from ..lycoris import LycorisLayer
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -50,40 +50,22 @@ def cp_weight(t2: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor) -> torch
     return torch.einsum("ij...,ip,jq->pq...", t2, w2_a, w2_b)
 
 
-class LoKrLayer(AdapterLayer):
+class LoKrLayer(LycorisLayer):
     """LoKr on an nn.Linear, transformers Conv1D, nn.Conv1d or nn.Conv2d base layer."""
 
     prefix = "lokr_"
+    method_name = "LoKr"
     adapter_attrs = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     other_attrs = ("r", "alpha", "scaling", "rank_dropout", "module_dropout", "rank_dropout_scale", "_sides")
-    supported_kinds = ("linear", "conv")
 
     def __init__(self, base_layer: nn.Module, ops: Any = None) -> None:
         super().__init__(base_layer, ops)
-        if self.ops.kind == "conv" and self.ops.conv_dim not in (1, 2):
-            raise TypeError(f"LoKr adapts nn.Conv1d and nn.Conv2d, not {type(base_layer).__name__}.")
-        for attr in self.adapter_attrs:
-            setattr(self, attr, nn.ParameterDict())
-        self.r: dict[str, int] = {}
-        self.alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.rank_dropout: dict[str, float] = {}
-        self.module_dropout: dict[str, float] = {}
         self.rank_dropout_scale: dict[str, bool] = {}
         self._sides: dict[str, tuple[int, int, int, int]] = {}  # (a, b, c, d)
 
     # ------------------------------------------------------------------ create
-    @property
-    def _kernel(self) -> tuple[int, ...]:
-        return tuple(self.base_layer.kernel_size) if self.ops.kind == "conv" else ()
-
-    @property
-    def _groups(self) -> int:
-        return getattr(self.base_layer, "groups", 1) if self.ops.kind == "conv" else 1
-
     def create(self, adapter: str, config: Any, *, r: int, alpha: float, device: Any = None) -> None:
-        if r <= 0:
-            raise ValueError(f"LoKr rank must be positive, got r={r} for adapter {adapter!r}.")
+        self._check_rank(adapter, r)
         in_dim = self.in_features // self._groups
         a, b = factorization(self.out_features, config.decompose_factor)
         c, d = factorization(in_dim, config.decompose_factor)
@@ -112,11 +94,7 @@ class LoKrLayer(AdapterLayer):
         else:
             self.lokr_w2_a[adapter] = new(b, r)
             self.lokr_w2_b[adapter] = new(r, d * math.prod(kernel))
-        self.r[adapter] = r
-        self.alpha[adapter] = alpha
-        self.scaling[adapter] = alpha / r
-        self.rank_dropout[adapter] = float(config.rank_dropout)
-        self.module_dropout[adapter] = float(config.module_dropout)
+        self._record(adapter, config, r, alpha)
         self.rank_dropout_scale[adapter] = bool(config.rank_dropout_scale)
         self._sides[adapter] = (a, b, c, d)
         if torch.device(fk["device"]).type != "meta":
@@ -149,11 +127,6 @@ class LoKrLayer(AdapterLayer):
             kaiming(self.lokr_w2_b[adapter])
         if adapter in self.lokr_t2:
             kaiming(self.lokr_t2[adapter])
-
-    def set_scale(self, adapter: str, scale: float) -> None:
-        """Scale an adapter's update by ``scale`` (on top of alpha / r)."""
-        if adapter in self.scaling:
-            self.scaling[adapter] = scale * self.alpha[adapter] / self.r[adapter]
 
     # ------------------------------------------------------------------ factors
     def _w1(self, adapter: str) -> torch.Tensor:
@@ -189,7 +162,7 @@ class LoKrLayer(AdapterLayer):
         return delta.reshape(self.out_features, -1) * self.scaling[adapter]
 
     def adapt(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.training and not bool(torch.rand(1) > self.module_dropout[adapter]):
+        if self._skip_module(adapter):
             return out  # module dropout: the adapter sits this forward out
         dtype = self.adapter_dtype()
         x = x.to(dtype)

@@ -98,12 +98,6 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LORA
         super().__post_init__()
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple)):
-            self.exclude_modules = set(self.exclude_modules)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
         init = self.init_lora_weights
@@ -119,8 +113,6 @@ class LoraConfig(PeftConfig):
                 "layers_to_transform / layers_pattern work with a list of target_modules, not a regex string: "
                 "put the layer index into the regex instead."
             )
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern has no effect without layers_to_transform: set both or neither.")
         for name, (default, what) in _UNSUPPORTED.items():
             if getattr(self, name) not in (default, {}, []):
                 raise NotImplementedError(f"LoraConfig.{name}={getattr(self, name)!r}: {what} is not supported by peftkit yet.")
