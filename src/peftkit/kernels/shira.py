@@ -87,7 +87,8 @@ class SparsePattern:
                 check_invariants=False,
             )
             self._zeros[dtype] = zeros
-        vals = torch.sparse.sampled_addmm(zeros, g.t().to(dtype), x.to(dtype), beta=0.0).values()
+        # a row-major gᵀ: the kernel's own copy of the transposed view is ~10% slower (measured)
+        vals = torch.sparse.sampled_addmm(zeros, g.t().to(dtype).contiguous(), x.to(dtype), beta=0.0).values()
         if self.order is None:
             return vals
         return torch.empty_like(vals).index_copy_(0, self.order, vals)
