@@ -13,6 +13,15 @@ import torch
 from torch import nn
 
 from ..core.layer import AdapterLayer
+from ..core.targeting import pattern_value
+
+
+def rank_and_alpha(config: Any, key: str) -> dict[str, Any]:
+    """The per-layer ``create`` arguments: rank and alpha after ``rank_pattern`` / ``alpha_pattern``."""
+    return {
+        "r": pattern_value(config.rank_pattern, key, config.r),
+        "alpha": pattern_value(config.alpha_pattern, key, config.alpha),
+    }
 
 
 class LycorisLayer(AdapterLayer):
