@@ -26,6 +26,8 @@ from .methods.loha import LoHaConfig, LoHaLayer
 from .methods.ia3 import IA3Config, IA3Layer
 from .methods.lora import LoraConfig, LoraLayer
 from .methods.shira import ShiraConfig, ShiraLayer
+from .methods.oft import OFTConfig, OFTLayer
+from .methods.boft import BOFTConfig, BOFTLayer
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -45,6 +47,8 @@ LoHaModel = AdapterModel
 
 __all__ = [
     "AdapterLayer",
+    "BOFTConfig",
+    "BOFTLayer",
     "AdapterModel",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
@@ -61,6 +65,8 @@ __all__ = [
     "LoHaModel",
     "LoraConfig",
     "LoraLayer",
+    "OFTConfig",
+    "OFTLayer",
     "LoraModel",
     "ModulesToSaveWrapper",
     "PeftConfig",

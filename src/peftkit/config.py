@@ -7,7 +7,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .types import PeftType, TaskType
 
@@ -40,6 +40,9 @@ class PeftConfig:
     auto_mapping: dict | None = None
     peft_version: str | None = None
 
+    # ``r = 0`` means "not set" (OFT, where the block size is given instead).
+    r_may_be_zero: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         if self.task_type is not None:
             valid = [t.value for t in TaskType]
@@ -60,8 +63,9 @@ class PeftConfig:
             if isinstance(getattr(self, attr, None), (list, tuple)):
                 setattr(self, attr, set(getattr(self, attr)))
         r = getattr(self, "r", 1)
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise ValueError(f"{name}.r must be a positive integer, got {r!r}.")
+        low = 0 if self.r_may_be_zero else 1
+        if not isinstance(r, int) or isinstance(r, bool) or r < low:
+            raise ValueError(f"{name}.r must be a {'non-negative' if low == 0 else 'positive'} integer, got {r!r}.")
         for attr in ("rank_dropout", "module_dropout"):
             p = getattr(self, attr, 0.0)
             if not 0.0 <= p <= 1.0:

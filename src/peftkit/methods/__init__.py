@@ -5,3 +5,5 @@ from . import shira  # noqa: F401
 from . import lokr  # noqa: F401
 from . import ia3  # noqa: F401
 from . import loha  # noqa: F401
+from . import oft  # noqa: F401
+from . import boft  # noqa: F401

@@ -1,0 +1,147 @@
+"""What OFT and BOFT share: a learned rotation ``M`` of the base layer's input features.
+
+The adapted layer computes ``base(x M)`` — for BOFT also a learned scale ``s`` of the output
+features, ``s ⊙ (base(x M) − b) + b``. Merging writes ``W ← s ⊙ (W Mᵀ)`` (rows scaled);
+unmerging divides ``s`` out and applies ``M⁻ᵀ`` (``M`` itself when the blocks are exactly
+orthogonal). ``M`` is a product of block-diagonal factors (``kernels.orthogonal``); it is applied
+to activations for Linear and Conv1D layers and to the weight for convolutions (the input of a
+convolution is the image, not its patches), so nothing of size d×d is ever built.
+
+Several active adapters compose: the forward runs ``x M_n ⋯ M_1`` (the last active adapter
+rotates first), which is exactly what merging them one after the other, first to last, writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.context import BASE_ADAPTER, group_rows
+from ..core.layer import AdapterLayer
+from ..kernels.orthogonal import butterfly, inverse_transpose
+
+
+class OrthogonalLayer(AdapterLayer):
+    """An ``AdapterLayer`` that rotates the input features; subclasses say how the rotation is stored."""
+
+    supported_kinds = ("linear", "conv")
+    method_name = ""
+
+    def __init__(self, base_layer: nn.Module, ops: Any = None) -> None:
+        super().__init__(base_layer, ops)
+        # the rotated axis: in_features, or in_channels/groups · prod(kernel) for a convolution
+        self.fan_in = self.ops.weight2d(base_layer).shape[1]
+
+    # ------------------------------------------------------------------ the method's part
+    def rotation(self, adapter: str) -> tuple[torch.Tensor, list, bool]:
+        """``(blocks (N, D, bs, bs), perms, orthogonal)`` of one adapter (dropout applied in training)."""
+        raise NotImplementedError
+
+    def out_scale(self, adapter: str) -> torch.Tensor | None:
+        """The adapter's (out,) output scale, if it has one."""
+        return None
+
+    # ------------------------------------------------------------------ weights
+    def _rotate_weight(self, w2d: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
+        """``s ⊙ (W Mᵀ)`` for these adapters merged first to last, in the adapters' dtype."""
+        w = w2d
+        for adapter in adapters:
+            blocks, perms, _ = self.rotation(adapter)
+            w = butterfly(w.to(blocks.dtype), blocks, perms, transpose=True)
+            s = self.out_scale(adapter)
+            if s is not None:
+                w = w * s.unsqueeze(1)
+        return w
+
+    def merge_into(self, adapter: str, w2d: torch.Tensor, sign: float) -> None:
+        if sign > 0:
+            w2d.copy_(self._rotate_weight(w2d, [adapter]))
+            return
+        blocks, perms, orthogonal = self.rotation(adapter)
+        w = w2d.to(blocks.dtype)
+        s = self.out_scale(adapter)
+        if s is not None:
+            w = w / s.unsqueeze(1)
+        w2d.copy_(butterfly(w, inverse_transpose(blocks, orthogonal), perms))
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        w = self._weight2d().detach()
+        with torch.no_grad():
+            return self._rotate_weight(w, [adapter]) - w.to(self.adapter_dtype())
+
+    # ------------------------------------------------------------------ forward
+    def _present(self, adapters: Sequence[str]) -> list[str]:
+        held = set(self.adapters)
+        return [a for a in adapters if a in held]
+
+    def _rotate_input(self, x: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
+        h = x
+        for adapter in reversed(adapters):  # x M_n ⋯ M_1: the last adapter rotates first
+            blocks, perms, _ = self.rotation(adapter)
+            h = butterfly(h.to(blocks.dtype), blocks, perms)
+        return h.to(x.dtype)
+
+    def _scale_of(self, adapters: Sequence[str]) -> torch.Tensor | None:
+        scale = None
+        for adapter in adapters:
+            s = self.out_scale(adapter)
+            if s is not None:
+                scale = s if scale is None else scale * s
+        return scale
+
+    def _linear(self, h: torch.Tensor, scale: torch.Tensor | None, args: tuple, kwargs: dict) -> torch.Tensor:
+        """``base(h)``, with its output features scaled by ``scale`` (bias left as it is)."""
+        if scale is None:
+            return self.base_layer(h, *args, **kwargs)
+        y = F.linear(h, self._weight2d())
+        bias = self.base_layer.bias
+        if scale.dim() == 2:  # per-sample scales (B, out) over (B, ..., out)
+            scale = scale.view(scale.shape[0], *([1] * (y.dim() - 2)), scale.shape[1])
+        out = y * scale if bias is None else torch.addcmul(bias, y, scale)
+        return out.to(h.dtype)
+
+    def _conv(self, x: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
+        base = self.base_layer
+        w = self._rotate_weight(self._weight2d(), adapters).view(base.weight.shape).to(base.weight.dtype)
+        return base._conv_forward(x, w, base.bias)
+
+    def forward_active(self, x: torch.Tensor, adapters: Sequence[str], args: tuple, kwargs: dict) -> torch.Tensor:
+        adapters = self._present(adapters)
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if self.ops.kind == "conv":
+            return self._conv(x, adapters)
+        return self._linear(self._rotate_input(x, adapters), self._scale_of(adapters), args, kwargs)
+
+    def mixed_forward(self, x: torch.Tensor, names: Sequence[str], args: tuple, kwargs: dict) -> torch.Tensor:
+        """Each sample rotated by its own adapter; Linear/Conv1D run the base op once for the batch."""
+        groups = group_rows(names)
+        present = [n for n in groups if n != BASE_ADAPTER and n in self.adapters]
+        if self.ops.kind == "conv":
+            out = None
+            for name, rows in groups.items():
+                idx = torch.tensor(rows, device=x.device)
+                sub = x.index_select(0, idx)
+                y = self._conv(sub, [name]) if name in present else self.base_layer(sub, *args, **kwargs)
+                out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+                out.index_copy_(0, idx, y)
+            return out
+        h, scale = x, None
+        for name in present:
+            idx = torch.tensor(groups[name], device=x.device)
+            rotated = self._rotate_input(x.index_select(0, idx), [name])
+            h = h.index_copy(0, idx, rotated)
+            s = self.out_scale(name)
+            if s is not None:
+                if scale is None:
+                    scale = torch.ones(x.shape[0], self.out_features, device=s.device, dtype=s.dtype)
+                scale = scale.index_copy(0, idx, s.unsqueeze(0).expand(len(idx), -1))
+        return self._linear(h, scale, args, kwargs)
+
+    def adapt(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The engine's contract: the layer's output with this one adapter (``out`` is recomputed)."""
+        return self.forward_active(x, [adapter], (), {})
