@@ -127,6 +127,31 @@ def _loha_flat(target: str, init: bool = False) -> peftkit.PeftConfig:
     return peftkit.LoHaConfig(r=3, alpha=2, target_modules=[target], init_weights=init)  # flattened factors
 
 
+def _oft(target: str, init: bool = False) -> peftkit.PeftConfig:
+    # blocks of 4 on the 8 input features of lin0 / c_attn, of 3 on the conv's 27; Neumann series (the default)
+    return peftkit.OFTConfig(r=0, oft_block_size=3 if target == "conv" else 4, target_modules=[target],
+                             init_weights=init)
+
+
+def _oft_exact(target: str, init: bool = False) -> peftkit.PeftConfig:
+    # r (block count) given instead of the block size; exact Cayley transform; one shared block
+    return peftkit.OFTConfig(r=9 if target == "conv" else 2, oft_block_size=0, target_modules=[target],
+                             init_weights=init, use_cayley_neumann=False, block_share=True)
+
+
+def _boft(target: str, init: bool = False) -> peftkit.PeftConfig:
+    return peftkit.BOFTConfig(boft_block_size=3 if target == "conv" else 4, target_modules=[target],
+                              init_weights=init)
+
+
+def _boft_butterfly(target: str, init: bool = False) -> peftkit.PeftConfig:
+    # two butterfly factors (4 blocks of 2) on the 8 input features of lin0 / c_attn; the conv's 27
+    # features (odd) admit no butterfly, so it gets 3 blocks of 9 and one factor
+    if target == "conv":
+        return peftkit.BOFTConfig(boft_block_size=0, boft_block_num=3, target_modules=[target], init_weights=init)
+    return peftkit.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=[target], init_weights=init)
+
+
 METHODS = [
     MethodCase("lora", _lora),
     MethodCase("dora", _dora, stackable=False),
@@ -137,6 +162,10 @@ METHODS = [
     MethodCase("loha_flat", _loha_flat, kinds=("linear", "conv1d", "conv2d")),
     MethodCase("ia3", _ia3, kinds=("linear", "conv1d", "conv2d")),  # no nn.Embedding (as PEFT)
     MethodCase("ia3_ff", _ia3_ff, kinds=("linear", "conv1d", "conv2d")),
+    MethodCase("oft", _oft, kinds=("linear", "conv1d", "conv2d")),  # peftkit's OFT has no Embedding layer
+    MethodCase("oft_exact_shared", _oft_exact, kinds=("linear", "conv1d", "conv2d")),
+    MethodCase("boft", _boft, kinds=("linear", "conv1d", "conv2d")),  # no Embedding (as PEFT)
+    MethodCase("boft_butterfly", _boft_butterfly, kinds=("linear", "conv1d", "conv2d")),
 ]
 
 

@@ -35,6 +35,8 @@ class OrthogonalLayer(AdapterLayer):
         super().__init__(base_layer, ops)
         # the rotated axis: in_features, or in_channels/groups · prod(kernel) for a convolution
         self.fan_in = self.ops.weight2d(base_layer).shape[1]
+        # adapter -> (parameter versions, rotation): reused while nothing trains (generation, eval)
+        self._rotations: dict[str, tuple[tuple, tuple]] = {}
 
     # ------------------------------------------------------------------ the method's part
     def rotation(self, adapter: str) -> tuple[torch.Tensor, list, bool]:
@@ -45,12 +47,29 @@ class OrthogonalLayer(AdapterLayer):
         """The adapter's (out,) output scale, if it has one."""
         return None
 
+    def _rotation(self, adapter: str) -> tuple[torch.Tensor, list, bool]:
+        """``rotation(adapter)``, remembered between calls when no gradient or dropout is involved."""
+        params = list(self.adapter_parameters(adapter))
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return self.rotation(adapter)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        hit = self._rotations.get(adapter)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = self.rotation(adapter)
+        self._rotations[adapter] = (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params), value)
+        return value
+
+    def delete_adapter(self, adapter: str) -> None:
+        super().delete_adapter(adapter)
+        self._rotations.pop(adapter, None)
+
     # ------------------------------------------------------------------ weights
     def _rotate_weight(self, w2d: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
         """``s ⊙ (W Mᵀ)`` for these adapters merged first to last, in the adapters' dtype."""
         w = w2d
         for adapter in adapters:
-            blocks, perms, _ = self.rotation(adapter)
+            blocks, perms, _ = self._rotation(adapter)
             w = butterfly(w.to(blocks.dtype), blocks, perms, transpose=True)
             s = self.out_scale(adapter)
             if s is not None:
@@ -61,7 +80,7 @@ class OrthogonalLayer(AdapterLayer):
         if sign > 0:
             w2d.copy_(self._rotate_weight(w2d, [adapter]))
             return
-        blocks, perms, orthogonal = self.rotation(adapter)
+        blocks, perms, orthogonal = self._rotation(adapter)
         w = w2d.to(blocks.dtype)
         s = self.out_scale(adapter)
         if s is not None:
@@ -81,7 +100,7 @@ class OrthogonalLayer(AdapterLayer):
     def _rotate_input(self, x: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
         h = x
         for adapter in reversed(adapters):  # x M_n ⋯ M_1: the last adapter rotates first
-            blocks, perms, _ = self.rotation(adapter)
+            blocks, perms, _ = self._rotation(adapter)
             h = butterfly(h.to(blocks.dtype), blocks, perms)
         return h.to(x.dtype)
 
