@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench fusion clean
+.PHONY: demo test bench fusion example-boft clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ test: $(VENV)/.test $(VENV)/.demo
 
 fusion: $(VENV)/.demo
 	$(VENV)/bin/peftkit fusion $(FUSION_ARGS)
+
+example-boft: $(VENV)/.demo
+	$(PY) examples/boft_vs_lora.py $(EXAMPLE_ARGS)
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

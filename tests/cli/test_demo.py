@@ -49,3 +49,36 @@ def test_inspect(tmp_path, capsys):
     model.save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0
     assert "LORA" in capsys.readouterr().out
+
+
+def test_orthogonal_demo_configs_train_on_a_tiny_bert():
+    """make_config('oft'/'boft') fits a BERT's query/key/value/dense; one train_steps step moves the
+    adapter off the identity and merging keeps the logits. No network, no MiniLM wheel."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peftkit import get_peft_model
+    from peftkit.cli.demo import make_config, train_steps
+
+    def tok(texts, **_):  # a stand-in tokenizer: 6 token ids per text
+        ids = torch.tensor([[(7 * len(t) + 3 * j) % 50 for j in range(6)] for t in texts])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    rows = [("spam " * (i % 5 + 1), i % 2) for i in range(16)]
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=16, num_labels=2)
+    for method, factor in (("oft", 2), ("boft", 1), ("boft", 2)):
+        torch.manual_seed(0)
+        model = get_peft_model(BertForSequenceClassification(cfg), make_config(method, boft_factor=factor))
+        adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n}
+        assert adapter, method
+        times: list[float] = []
+        train_steps(model, tok, rows, steps=1, batch_size=8, lr=1e-2, seed=0, desc=method, step_times=times)
+        assert len(times) == 1
+        moved = [n for n, p in model.named_parameters() if n in adapter and not torch.equal(p, adapter[n])]
+        assert moved, method
+        model.eval()
+        enc = tok([r[0] for r in rows])
+        with torch.no_grad():
+            want = model(**enc).logits
+            got = model.merge_and_unload()(**enc).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

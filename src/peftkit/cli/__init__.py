@@ -11,11 +11,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="LoRA fine-tune of all-MiniLM-L6-v2 on the SMS Spam Collection.")
-    demo.add_argument("--method", default="lora", choices=["lora", "shira"], help="adapter method")
+    demo.add_argument("--method", default="lora", choices=["lora", "shira", "oft", "boft"], help="adapter method")
     demo.add_argument("--steps", type=int, default=150, help="optimiser steps (default 150)")
     demo.add_argument("--out", default="out/demo-adapter", help="where to save the adapter")
     demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, see demo.py)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     demo.add_argument("--eval-limit", type=int, default=0, help="evaluate on this many held-out messages (0: all)")

@@ -84,19 +84,63 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     return acc, f1
 
 
-def make_config(method: str):
-    from .. import LoraConfig, ShiraConfig, TaskType
+# Learning rates per method, measured on this job (150 steps, batch 16, seed 0; the classifier
+# head trains at the same rate): BOFT (block 8, factor 2) reached 0.9865 accuracy at 3e-3, 0.9829
+# at 1e-3 and at 1e-2; OFT (block 32) 0.9785 at 3e-3, 0.9803 at 1e-2 (within two messages), so the
+# orthogonal methods keep LoRA's 3e-3.
+DEFAULT_LR = {"lora": 3e-3, "shira": 3e-3, "oft": 3e-3, "boft": 3e-3}
+METHODS = tuple(DEFAULT_LR)
+
+
+def make_config(method: str, boft_factor: int = 2):
+    """The demo's adapter config for ``method``, always on MiniLM's query/key/value/dense."""
+    from .. import BOFTConfig, LoraConfig, OFTConfig, ShiraConfig, TaskType
 
     targets = ["query", "key", "value", "dense"]
     if method == "lora":
         return LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets)
     if method == "shira":  # the same parameter count as the LoRA above
         return ShiraConfig(task_type=TaskType.SEQ_CLS, r=8, target_modules=targets, random_seed=0)
-    raise SystemExit(f"--method {method!r} is not available in the demo; use lora or shira.")
+    if method == "oft":  # 384 = 12 blocks of 32, 1536 = 48 blocks of 32
+        return OFTConfig(task_type=TaskType.SEQ_CLS, r=0, oft_block_size=32, target_modules=targets)
+    if method == "boft":  # 384 = 48 blocks of 8, 1536 = 192; both divisible by 2^(factor-1)
+        return BOFTConfig(task_type=TaskType.SEQ_CLS, boft_block_size=8, boft_n_butterfly_factor=boft_factor,
+                          target_modules=targets)
+    raise SystemExit(f"--method {method!r} is not available in the demo; use one of {', '.join(METHODS)}.")
+
+
+def train_steps(model, tok, train: list, steps: int, batch_size: int, lr: float, seed: int, desc: str,
+                step_times: list | None = None) -> float:
+    """The demo's optimiser loop (AdamW, 20-step warm-up, linear decay); returns seconds taken.
+    Each step's wall time (tokenising included) is appended to ``step_times`` when given."""
+    from tqdm.auto import tqdm
+
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
+    rng = random.Random(seed)
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    running = None
+    for _ in bar:
+        t0 = time.perf_counter()
+        batch = rng.sample(train, batch_size)
+        enc = tok([r[0] for r in batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        out = model(**enc, labels=torch.tensor([r[1] for r in batch]))
+        out.loss.backward()
+        optim.step()
+        sched.step()
+        optim.zero_grad(set_to_none=True)
+        loss = out.loss.item()
+        if step_times is not None:
+            step_times.append(time.perf_counter() - t0)
+        running = loss if running is None else 0.9 * running + 0.1 * loss
+        bar.set_postfix(loss=f"{running:.4f}")
+    bar.close()
+    return time.perf_counter() - start
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     from .. import PeftModel, get_peft_model
@@ -117,25 +161,8 @@ def run_demo(args: argparse.Namespace) -> int:
     before = scores(*predict(model, tok, test))
     print(f"before training: accuracy {before[0]:.4f}, spam F1 {before[1]:.4f}")
 
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / args.steps))
-    rng = random.Random(args.seed)
-    model.train()
-    start = time.perf_counter()
-    bar = tqdm(range(args.steps), desc=f"{args.method} fine-tune", unit="step")
-    running = None
-    for _ in bar:
-        batch = rng.sample(train, args.batch_size)
-        enc = tok([r[0] for r in batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        out = model(**enc, labels=torch.tensor([r[1] for r in batch]))
-        out.loss.backward()
-        optim.step()
-        sched.step()
-        optim.zero_grad(set_to_none=True)
-        running = out.loss.item() if running is None else 0.9 * running + 0.1 * out.loss.item()
-        bar.set_postfix(loss=f"{running:.4f}")
-    bar.close()
-    elapsed = time.perf_counter() - start
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    elapsed = train_steps(model, tok, train, args.steps, args.batch_size, lr, args.seed, f"{args.method} fine-tune")
     logits, labels = predict(model, tok, test)
     after = scores(logits, labels)
     print(f"after {args.steps} steps ({elapsed:.0f} s): accuracy {after[0]:.4f}, spam F1 {after[1]:.4f}")
