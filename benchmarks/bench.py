@@ -31,6 +31,7 @@ Usage::
     python benchmarks/bench.py --child train_step peftkit --repeats 5   # one child alone (profiling)
     python benchmarks/bench.py --quick --cases shira   # all shira_* cases ("shira" expands to them)
     python benchmarks/bench.py --cases lokr,loha,ia3   # the lokr_*, loha_* and ia3_* cases (~4 min full, quiet)
+    python benchmarks/bench.py --cases oft,boft        # the oft_*, boft_* and boft2_* cases
     python benchmarks/bench.py --child shira_switch_merged peftkit_lora   # a SHiRA case's LoRA reference alone
     PYTHONPATH=/path/to/checkout/src python benchmarks/bench.py   # measure another peftkit tree
                                                                    # (its path and git commit are printed)
@@ -118,6 +119,24 @@ at the end and the exit status is 1 (this holds for any case whose child dies).
                       step agrees between peftkit and peft; equal trainable counts.
   ia3_train_memory    train_memory with IA3; children peftkit, peft. Target: peak ≤ peft IA3.
 
+OFT and BOFT cases (oft_*, boft*_*): tables of the same kind, one per method. Same model, batch and target modules
+as train_step. OFT: OFTConfig(r=0, oft_block_size=32), PEFT's defaults otherwise (Cayley-Neumann with 5 terms,
+no coft, no block_share; init_weights=True: rotations = identity, so the model starts as the base). BOFT:
+BOFTConfig(boft_block_size=8, boft_block_num=0, boft_n_butterfly_factor=1), PEFT's defaults otherwise
+(rotations = identity, scale 1 at init). A first run of peft's BOFT on CPU tries to build its fbd_cuda
+extension (untimed setup; it fails without CUDA and peft then forces the butterfly factor to 1).
+  oft_train_step      train_step with OFT; children peftkit, peft, base. Target ≤ 0.8 × peft OFT.
+                      Checked: first-step losses agree (all equal the base's), the loss after one AdamW step
+                      (deterministic init) agrees between peftkit and peft, equal trainable counts.
+  oft_train_memory    train_memory with OFT; children peftkit, peft. Target: peak ≤ peft OFT.
+  boft_train_step     train_step with BOFT; children peftkit, peft, peftkit_lora (LoRA r=16, alpha=32), base.
+                      Targets ≤ 0.3 × peft BOFT, ≤ 2.0 × peftkit LoRA. Checked as oft_train_step. peft's BOFT
+                      step takes ~1.7 s on 2 CPU cores (LoRA ~0.26 s), hence 6 repeats in a full run.
+  boft_train_memory   train_memory with BOFT; children peftkit, peft. Target: peak ≤ peft BOFT.
+  boft2_train_step    train_step with BOFT, boft_n_butterfly_factor=2 (block size 8); children peftkit,
+                      peftkit_lora only. Target ≤ 2.0 × peftkit LoRA. peft is left out: without its CUDA
+                      extension (on CPU) it silently forces factor 1, so it would time a different adapter.
+
 Noise on shared cores: when a co-tenant loads one of the two vCPUs, 2-thread GEMMs wait on
 the slow thread and steps run up to ~10x slower for seconds at a time. Interleaving keeps the
 ratios fair, but absolute times swing; the notes under the table give each sample range and
@@ -144,19 +163,24 @@ SHIRA_CASES = ("shira_train_step", "shira_train_memory", "shira_switch_merged", 
 LOKR_CASES = ("lokr_train_step", "lokr_train_memory")
 LOHA_CASES = ("loha_train_step", "loha_train_memory")
 IA3_CASES = ("ia3_train_step", "ia3_train_memory")
+OFT_CASES = ("oft_train_step", "oft_train_memory")
+# boft2_train_step: peftkit's BOFT with butterfly factor 2 (peft's needs its CUDA extension for that, see BOFT_FACTOR2)
+BOFT_CASES = ("boft_train_step", "boft_train_memory", "boft2_train_step")
 # Method cases: peftkit's <method> against peft's <method> and other references, in a table of their own;
-# the group name on --cases ("shira", "lokr", "loha", "ia3") expands to all of a method's cases.
-METHOD_CASES = {"shira": SHIRA_CASES, "lokr": LOKR_CASES, "loha": LOHA_CASES, "ia3": IA3_CASES}
-METHOD_NAMES = {"shira": "SHiRA", "lokr": "LoKr", "loha": "LoHa", "ia3": "IA3"}
+# the group name on --cases ("shira", "lokr", "loha", "ia3", "oft", "boft") expands to all of a method's cases.
+METHOD_CASES = {"shira": SHIRA_CASES, "lokr": LOKR_CASES, "loha": LOHA_CASES, "ia3": IA3_CASES, "oft": OFT_CASES,
+                "boft": BOFT_CASES}
+METHOD_NAMES = {"shira": "SHiRA", "lokr": "LoKr", "loha": "LoHa", "ia3": "IA3", "oft": "OFT", "boft": "BOFT"}
 CASES = ("train_step", "get_peft_model", "merge_and_unload", "save_load", "train_memory",
          "dora_train_step", "dora_eval_forward", "mixed_batch", "switch_merged", "weighted_svd", *SHIRA_CASES,
-         *LOKR_CASES, *LOHA_CASES, *IA3_CASES)
+         *LOKR_CASES, *LOHA_CASES, *IA3_CASES, *OFT_CASES, *BOFT_CASES)
 LIBS = ("peftkit", "peft")
 BASE = "base"
 # Reference children of the SHiRA cases: the same library running LoRA (r=16, alpha=32) instead.
 REF_LIBS = ("peftkit_lora", "peft_lora")
 CHILD_LIBS = (*LIBS, BASE, *REF_LIBS)
-MEMORY_CASES = ("train_memory", "shira_train_memory", "lokr_train_memory", "loha_train_memory", "ia3_train_memory")
+MEMORY_CASES = ("train_memory", "shira_train_memory", "lokr_train_memory", "loha_train_memory", "ia3_train_memory",
+                "oft_train_memory", "boft_train_memory")
 # In a SHiRA case, "peftkit" and "peft" run SHiRA; the others are references for peftkit's SHiRA.
 SHIRA_LIBS = {
     "shira_train_step": ["peftkit", "peft", "peftkit_lora", BASE],
@@ -174,6 +198,12 @@ METHOD_LIBS = {
     "loha_train_memory": ["peftkit", "peft"],
     "ia3_train_step": ["peftkit", "peft", BASE],
     "ia3_train_memory": ["peftkit", "peft"],
+    "oft_train_step": ["peftkit", "peft", BASE],
+    "oft_train_memory": ["peftkit", "peft"],
+    "boft_train_step": ["peftkit", "peft", "peftkit_lora", BASE],
+    "boft_train_memory": ["peftkit", "peft"],
+    # butterfly factor 2: peftkit only (peft's BOFT silently runs factor 1 without its CUDA extension)
+    "boft2_train_step": ["peftkit", "peftkit_lora"],
 }
 # Names of the reference children in the method tables ("peftkit"/"peft": "<lib> <method>", see _label).
 LIB_LABELS = {"peftkit_lora": "peftkit LoRA", "peft_lora": "peft LoRA", BASE: "base"}
@@ -193,6 +223,10 @@ SWITCH_HIDDEN, SWITCH_INTERMEDIATE, SWITCH_LAYERS, SWITCH_HEADS, SWITCH_VOCAB = 
 SHIRA_SEED, SHIRA_SEED_B = 42, 43
 # IA3: the MLP projections scale their input (feedforward_modules must be a subset of the targets)
 IA3_FEEDFORWARD = ["gate_proj", "up_proj", "down_proj"]
+# OFT: block size 32 (r=0: the rank follows from it), PEFT's defaults otherwise (Cayley-Neumann, 5 terms)
+OFT_BLOCK_SIZE = 32
+# BOFT: block size 8 (boft_block_num=0: follows from it), butterfly factor 1; boft2_train_step uses factor 2
+BOFT_BLOCK_SIZE, BOFT_FACTOR, BOFT_FACTOR2 = 8, 1, 2
 
 # Timed samples per child, warm-up samples per child, and rounds (fresh sets of children).
 DEFAULT_REPEATS = {
@@ -200,19 +234,25 @@ DEFAULT_REPEATS = {
              "dora_train_step": 10, "dora_eval_forward": 15, "mixed_batch": 20, "switch_merged": 10,
              "weighted_svd": 5, "shira_train_step": 8, "shira_train_memory": 1, "shira_switch_merged": 10,
              "shira_get_peft_model": 4, "shira_save_load": 12, "lokr_train_step": 8, "lokr_train_memory": 1,
-             "loha_train_step": 8, "loha_train_memory": 1, "ia3_train_step": 8, "ia3_train_memory": 1},
+             "loha_train_step": 8, "loha_train_memory": 1, "ia3_train_step": 8, "ia3_train_memory": 1,
+             "oft_train_step": 8, "oft_train_memory": 1, "boft_train_step": 6, "boft_train_memory": 1,
+             "boft2_train_step": 8},
     "quick": {"train_step": 2, "get_peft_model": 2, "merge_and_unload": 3, "save_load": 3, "train_memory": 1,
               "dora_train_step": 3, "dora_eval_forward": 6, "mixed_batch": 8, "switch_merged": 3,
               "weighted_svd": 2, "shira_train_step": 2, "shira_train_memory": 1, "shira_switch_merged": 4,
               "shira_get_peft_model": 2, "shira_save_load": 3, "lokr_train_step": 2, "lokr_train_memory": 1,
-              "loha_train_step": 2, "loha_train_memory": 1, "ia3_train_step": 2, "ia3_train_memory": 1},
+              "loha_train_step": 2, "loha_train_memory": 1, "ia3_train_step": 2, "ia3_train_memory": 1,
+              "oft_train_step": 2, "oft_train_memory": 1, "boft_train_step": 2, "boft_train_memory": 1,
+              "boft2_train_step": 2},
 }
 DEFAULT_TRAIN_WARMUP = {"full": 2, "quick": 1}
 OTHER_WARMUP = {"train_step": None, "get_peft_model": 1, "merge_and_unload": 1, "save_load": 1, "train_memory": 0,
                 "dora_train_step": None, "dora_eval_forward": 1, "mixed_batch": 1, "switch_merged": 1,
                 "weighted_svd": 1, "shira_train_step": None, "shira_train_memory": 0, "shira_switch_merged": 1,
                 "shira_get_peft_model": 1, "shira_save_load": 1, "lokr_train_step": None, "lokr_train_memory": 0,
-                "loha_train_step": None, "loha_train_memory": 0, "ia3_train_step": None, "ia3_train_memory": 0}
+                "loha_train_step": None, "loha_train_memory": 0, "ia3_train_step": None, "ia3_train_memory": 0,
+                "oft_train_step": None, "oft_train_memory": 0, "boft_train_step": None, "boft_train_memory": 0,
+                "boft2_train_step": None}
 DEFAULT_ROUNDS = {"full": 2, "quick": 1}
 
 # Targets on the ratio peftkit / peft (None: reported without a target).
@@ -260,15 +300,23 @@ METHOD_TARGETS = {
     ("loha_train_memory", "peft"): ("<=", 1.0),
     ("ia3_train_step", "peft"): ("<=", 1.0),
     ("ia3_train_memory", "peft"): ("<=", 1.0),
+    ("oft_train_step", "peft"): ("<=", 0.8),
+    ("oft_train_memory", "peft"): ("<=", 1.0),
+    ("boft_train_step", "peft"): ("<=", 0.3),
+    ("boft_train_step", "peftkit_lora"): ("<=", 2.0),
+    ("boft_train_memory", "peft"): ("<=", 1.0),
+    ("boft2_train_step", "peftkit_lora"): ("<=", 2.0),
 }
-METHOD_TIME_METRICS = {"shira": SHIRA_TIME_METRICS, "lokr": ("lokr_train_step",), "loha": ("loha_train_step",), "ia3": ("ia3_train_step",)}
+METHOD_TIME_METRICS = {"shira": SHIRA_TIME_METRICS, "lokr": ("lokr_train_step",), "loha": ("loha_train_step",),
+                       "ia3": ("ia3_train_step",), "oft": ("oft_train_step",),
+                       "boft": ("boft_train_step", "boft2_train_step")}
 # Derived rows: the cost above the base of a case with a base child, (lib - base) per repeat.
 ABOVE_BASE = {"dora_train_step": "dora_train_step_above_base", "dora_eval_forward": "dora_eval_forward_above_base",
               "mixed_batch": "mixed_batch_above_base"}
 
 
 def _method_of(case: str) -> str | None:
-    """The method of a method case ("shira", "lokr", "loha", "ia3"), else None."""
+    """The method of a method case ("shira", "lokr", "loha", "ia3", "oft", "boft"), else None."""
     return next((m for m, cs in METHOD_CASES.items() if case in cs), None)
 
 
@@ -354,7 +402,8 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     method = _method_of(case)
     use_method = method is not None and L is not None and lib in LIBS
     use_shira = use_method and method == "shira"
-    cfg_name = {"shira": "ShiraConfig", "lokr": "LoKrConfig", "loha": "LoHaConfig", "ia3": "IA3Config"}.get(method or "")
+    cfg_name = {"shira": "ShiraConfig", "lokr": "LoKrConfig", "loha": "LoHaConfig", "ia3": "IA3Config",
+                "oft": "OFTConfig", "boft": "BOFTConfig"}.get(method or "")
     if use_method and not hasattr(L, cfg_name):
         # e.g. a peftkit tree without that method yet: say so instead of a traceback deep in setup
         raise SystemExit(f"case {case}: {pkg} {getattr(L, '__version__', '?')} at {os.path.dirname(L.__file__)} "
@@ -414,6 +463,17 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
         return L.IA3Config(target_modules=list(TARGET_MODULES), feedforward_modules=list(IA3_FEEDFORWARD),
                            task_type="CAUSAL_LM")
 
+    def oft_config():
+        # PEFT's OFT defaults otherwise: init_weights=True (skew-symmetric part 0: starts as the base model),
+        # use_cayley_neumann=True with num_cayley_neumann_terms=5, no coft, no block_share
+        return L.OFTConfig(r=0, oft_block_size=OFT_BLOCK_SIZE, target_modules=list(TARGET_MODULES),
+                           task_type="CAUSAL_LM")
+
+    def boft_config(factor: int = BOFT_FACTOR):
+        # PEFT's BOFT defaults otherwise: init_weights=True (rotations = identity: starts as the base model)
+        return L.BOFTConfig(boft_block_size=BOFT_BLOCK_SIZE, boft_block_num=0, boft_n_butterfly_factor=factor,
+                            target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
+
     def adapter_config(init: bool = True, seed: int = SHIRA_SEED):
         """This child's adapter in a method case: the method (peftkit, peft) or LoRA r=16 (references)."""
         if not use_method:
@@ -424,6 +484,10 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
             return loha_config()
         if method == "ia3":
             return ia3_config()
+        if method == "oft":
+            return oft_config()
+        if method == "boft":
+            return boft_config(BOFT_FACTOR2 if case == "boft2_train_step" else BOFT_FACTOR)
         return shira_config(init, seed)
 
     def shira_layers(model):
@@ -490,7 +554,7 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     # Each case: setup here, then sample() -> {metric: seconds} (one repeat).
     cleanup = None
     if case in ("train_step", "dora_train_step", "shira_train_step", "lokr_train_step", "loha_train_step",
-                "ia3_train_step"):
+                "ia3_train_step", "oft_train_step", "boft_train_step", "boft2_train_step"):
         step = train_setup(dora=case == "dora_train_step")
         losses: list[float] = []
 
@@ -1128,14 +1192,19 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
             out.append(f"- {metric} sample range: " + "; ".join(parts) + "; ratio of minima vs " + ", ".join(rmin))
     init_note = {"shira": "SHiRA values 0 and LoRA B = 0 at init", "lokr": "LoKr W1 = 0 at init",
                  "loha": "LoHa hada_w2_b = 0 at init",
-                 "ia3": "IA3 vectors 1 at init"}[method]
-    losses = per_lib(step_case, "loss_first_step", first_round=True)
-    if losses:
-        out.append(f"- {step_case} first-step loss ({init_note}: all should agree): "
-                   + ", ".join(f"{lab(k)} {v:.5f}" for k, v in losses.items()))
-        spread = max(losses.values()) - min(losses.values())
-        out.append(f"- {step_case} first-step losses agree: {spread < 1e-4} (spread {spread:.1e})")
-    if method == "ia3":  # deterministic init (ones), so the loss after one AdamW step agrees too
+                 "ia3": "IA3 vectors 1 at init",
+                 "oft": "OFT skew-symmetric blocks 0 at init, rotations = identity",
+                 "boft": "BOFT rotations = identity, scale 1 and LoRA B = 0 at init"}[method]
+    # the train-step cases with loss and parameter checks (BOFT: also the peftkit-only factor-2 row)
+    step_cases = [step_case] + (["boft2_train_step"] if method == "boft" else [])
+    for sc in step_cases:
+        losses = per_lib(sc, "loss_first_step", first_round=True)
+        if losses:
+            out.append(f"- {sc} first-step loss ({init_note}: all should agree): "
+                       + ", ".join(f"{lab(k)} {v:.5f}" for k, v in losses.items()))
+            spread = max(losses.values()) - min(losses.values())
+            out.append(f"- {sc} first-step losses agree: {spread < 1e-4} (spread {spread:.1e})")
+    if method in ("ia3", "oft", "boft"):  # deterministic init, so the loss after one AdamW step agrees too
         second = {k: v[1] for k, v in per_lib(step_case, "losses_first_steps", first_round=True).items()
                   if len(v) > 1 and k in LIBS}
         if len(second) == 2:
@@ -1143,14 +1212,23 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
             out.append(f"- {step_case} loss after one AdamW step (same init): "
                        + ", ".join(f"{lab(k)} {v:.5f}" for k, v in second.items())
                        + f"; agree: {spread < 1e-3} (spread {spread:.1e})")
-    params = per_lib(step_case, "trainable_params", first_round=True)
-    if params:
-        what = {"shira": "SHiRA r=16 and LoRA r=16: r·(m+n) per layer", "lokr": f"LoKr r={RANK}", "loha": f"LoHa r={RANK}",
-                "ia3": "IA3: one vector per layer"}[method]
-        same = len({v for k, v in params.items() if k in LIBS}) == 1
-        out.append(f"- {step_case} trainable parameters ({what}): "
-                   + ", ".join(f"{lab(k)} {v:,}" for k, v in params.items())
-                   + f"; peftkit == peft: {same}")
+    what = {"shira": "SHiRA r=16 and LoRA r=16: r·(m+n) per layer", "lokr": f"LoKr r={RANK}", "loha": f"LoHa r={RANK}",
+            "ia3": "IA3: one vector per layer",
+            "oft": f"OFT block size {OFT_BLOCK_SIZE}: b(b-1)/2 per block",
+            "boft": f"BOFT block size {BOFT_BLOCK_SIZE}, factor {BOFT_FACTOR}, plus the output scale"}[method]
+    for sc in step_cases:
+        params = per_lib(sc, "trainable_params", first_round=True)
+        if params:
+            w = what if sc == step_case else f"BOFT block size {BOFT_BLOCK_SIZE}, factor {BOFT_FACTOR2}"
+            same = len({v for k, v in params.items() if k in LIBS}) == 1
+            out.append(f"- {sc} trainable parameters ({w}): "
+                       + ", ".join(f"{lab(k)} {v:,}" for k, v in params.items())
+                       + (f"; peftkit == peft: {same}" if all(k in params for k in LIBS) else ""))
+    if method == "boft":
+        out.append(f"- boft2_train_step: peftkit's BOFT with boft_n_butterfly_factor={BOFT_FACTOR2} (block size "
+                   f"{BOFT_BLOCK_SIZE}) against peftkit LoRA only; peft's BOFT is left out because without its "
+                   "fbd_cuda extension (not built on CPU) it silently forces the butterfly factor to 1, so it "
+                   "would not run the same adapter")
     over = {r["ref"]: r for r in rows if r["case"] == step_case}
     if BASE in over:
         parts = [f"{lab('peftkit')} {(over[BASE]['ratio'] - 1) * 100:+.1f}%"]
@@ -1295,16 +1373,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats, one round (CI smoke, ~5 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cases", default=",".join(CASES),
-                    help=f"comma-separated subset of {','.join(CASES)} (groups \"shira\", \"lokr\", \"loha\", \"ia3\": "
-                         "all of that method's cases)")
+                    help=f"comma-separated subset of {','.join(CASES)} (groups \"shira\", \"lokr\", \"loha\", \"ia3\", "
+                         "\"oft\", \"boft\": all of that method's cases)")
     ap.add_argument("--repeats", type=int, default=None, help="timed samples per child (default: per case)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per child for train_step")
     ap.add_argument("--rounds", type=int, default=None, help="fresh sets of children per case (default 2, quick 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child (default 2)")
     ap.add_argument("--json", metavar="OUT", default=None, help="write rows, raw samples and metadata here")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "LIB"), default=None,
-                    help="run one case for one lib (peftkit, peft, base; in the shira_* cases also the LoRA "
-                         "references peftkit_lora, peft_lora) in this process and print its JSON")
+                    help="run one case for one lib (peftkit, peft, base; in the shira_* and boft*_train_step cases "
+                         "also the LoRA references peftkit_lora, peft_lora) in this process and print its JSON")
     ap.add_argument("--driven", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -1321,7 +1399,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    # a method's name ("shira", "lokr", "loha", "ia3") stands for all of its cases
+    # a method's name ("shira", "lokr", "loha", "ia3", "oft", "boft") stands for all of its cases
     cases = list(dict.fromkeys(x for c in cases for x in METHOD_CASES.get(c, (c,))))
     bad = [c for c in cases if c not in CASES]
     if bad:
@@ -1387,7 +1465,12 @@ def main(argv: list[str] | None = None) -> int:
              "loha": f"peftkit's LoHa (r={RANK}, alpha={ALPHA}, all linear layers) against peft's LoHa and the "
                      "frozen base",
              "ia3": f"peftkit's IA3 (all linear layers, feedforward {'/'.join(IA3_FEEDFORWARD)}) against peft's "
-                    "IA3 and the frozen base"}
+                    "IA3 and the frozen base",
+             "oft": f"peftkit's OFT (block size {OFT_BLOCK_SIZE}, Cayley-Neumann 5 terms, all linear layers) against "
+                    "peft's OFT and the frozen base",
+             "boft": f"peftkit's BOFT (block size {BOFT_BLOCK_SIZE}, butterfly factor {BOFT_FACTOR}, all linear layers) "
+                     "against peft's BOFT, peftkit's LoRA r=16 and the frozen base; row boft2_train_step: butterfly "
+                     f"factor {BOFT_FACTOR2}, peftkit only"}
     for m, mrows in method_rows.items():
         print(f"\n{METHOD_NAMES[m]}: {intro[m]}; ratios as above, paired per repeat\n")
         print(markdown_method(mrows, args.device, m))

@@ -14,6 +14,10 @@ _ADAPTER_NAMES: contextvars.ContextVar[Sequence[str] | None] = contextvars.Conte
     "peftkit_adapter_names", default=None
 )
 
+# Work shared by the layers within one model call (e.g. every layer's rotation blocks in one batch):
+# {"owner": the model-level engine, ...}; None outside a call of the engine.
+_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("peftkit_forward_memo", default=None)
+
 BASE_ADAPTER = "__base__"  # in ``adapter_names``: this sample runs the base model alone
 
 
@@ -29,10 +33,17 @@ def current_adapter_names() -> Sequence[str] | None:
     return _ADAPTER_NAMES.get()
 
 
+def forward_memo() -> dict | None:
+    """The current call's shared-work dict (``"owner"``: the engine running it), or None."""
+    return _MEMO.get()
+
+
 @contextlib.contextmanager
-def forward_options(adapter_names: Sequence[str] | None) -> Iterator[None]:
+def forward_options(adapter_names: Sequence[str] | None, owner: object = None) -> Iterator[None]:
     token = _ADAPTER_NAMES.set(list(adapter_names) if adapter_names is not None else None)
+    memo = _MEMO.set({"owner": owner} if owner is not None else None)
     try:
         yield
     finally:
+        _MEMO.reset(memo)
         _ADAPTER_NAMES.reset(token)

@@ -93,13 +93,13 @@ class AdapterModel(nn.Module):
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is not None:
             self._check_mixed_batch(adapter_names, args[0] if args else kwargs.get("input_ids"))
-        with forward_options(adapter_names):
+        with forward_options(adapter_names, owner=self):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is not None:
             self._check_mixed_batch(adapter_names, args[0] if args else kwargs.get("input_ids"))
-        with forward_options(self._expand_names(adapter_names, kwargs)):
+        with forward_options(self._expand_names(adapter_names, kwargs), owner=self):
             return self.model.generate(*args, **kwargs)
 
     def _check_mixed_batch(self, names: Sequence[str], inputs: Any) -> None:

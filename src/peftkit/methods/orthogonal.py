@@ -20,9 +20,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.context import BASE_ADAPTER, group_rows
+from ..core.context import BASE_ADAPTER, forward_memo, group_rows
 from ..core.layer import AdapterLayer
-from ..kernels.orthogonal import butterfly, inverse_transpose
+from ..kernels.orthogonal import butterfly, cayley, inverse_transpose, skew_from_packed, skew_part
+
+_BATCH = "orthogonal_rotations"  # forward-memo key of the batched rotation table
+
+
+def _cayley_blocks(recipe: tuple, source: torch.Tensor) -> torch.Tensor:
+    """(n, bs, bs) Cayley blocks from a ``rotation_source``."""
+    kind, bs, terms = recipe
+    q = skew_from_packed(source, bs) if kind == "packed" else skew_part(source)
+    return cayley(q, terms)
+
+
+def _batched_rotations(owner: Any) -> dict:
+    """``(id(layer), adapter) -> rotation`` for the active adapters of every orthogonal layer of a model.
+
+    The blocks of all layers that share a recipe (block size, series) go through one skew and one
+    Cayley transform: a few ops on a big batch instead of the same ops on every layer, whose cost is
+    per-op overhead at these sizes. Gradients flow back to each layer's parameters through the split.
+    """
+    groups: dict[tuple, list] = {}
+    for _, layer in owner.adapter_layers():
+        if not isinstance(layer, OrthogonalLayer) or layer.disable_adapters or layer.merged_adapters:
+            continue
+        for adapter in layer._present(layer.active_adapters):
+            recipe, source = layer.rotation_source(adapter)
+            groups.setdefault((recipe, source.dtype, source.device), []).append((layer, adapter, source))
+    table: dict = {}
+    for (recipe, _, _), members in groups.items():
+        sources = [m[2] for m in members]
+        blocks = _cayley_blocks(recipe, torch.cat(sources) if len(sources) > 1 else sources[0])
+        for (layer, adapter, _), part in zip(members, blocks.split([t.shape[0] for t in sources])):
+            table[(id(layer), adapter)] = layer.finish_rotation(adapter, part)
+    return table
 
 
 class OrthogonalLayer(AdapterLayer):
@@ -39,19 +71,39 @@ class OrthogonalLayer(AdapterLayer):
         self._rotations: dict[str, tuple[tuple, tuple]] = {}
 
     # ------------------------------------------------------------------ the method's part
-    def rotation(self, adapter: str) -> tuple[torch.Tensor, list, bool]:
-        """``(blocks (N, D, bs, bs), perms, orthogonal)`` of one adapter (dropout applied in training)."""
+    def rotation_source(self, adapter: str) -> tuple[tuple, torch.Tensor]:
+        """``(recipe, tensor)``: what the adapter's blocks are made from.
+
+        ``recipe`` is ``("packed", bs, neumann_terms)`` for packed skew triangles (n, bs·(bs−1)/2)
+        or ``("full", bs, None)`` for full blocks (n, bs, bs) whose skew part is used.
+        """
+        raise NotImplementedError
+
+    def finish_rotation(self, adapter: str, blocks: torch.Tensor) -> tuple[torch.Tensor, list, bool]:
+        """``(blocks (N, D, bs, bs), perms, orthogonal)`` from the (n, bs, bs) Cayley blocks."""
         raise NotImplementedError
 
     def out_scale(self, adapter: str) -> torch.Tensor | None:
         """The adapter's (out,) output scale, if it has one."""
         return None
 
+    def rotation(self, adapter: str) -> tuple[torch.Tensor, list, bool]:
+        """``(blocks (N, D, bs, bs), perms, orthogonal)`` of one adapter (dropout applied in training)."""
+        recipe, source = self.rotation_source(adapter)
+        return self.finish_rotation(adapter, _cayley_blocks(recipe, source))
+
     def _rotation(self, adapter: str) -> tuple[torch.Tensor, list, bool]:
-        """``rotation(adapter)``, remembered between calls when no gradient or dropout is involved."""
+        """``rotation(adapter)``: in a training call taken from one batch made for every layer of the
+        model, else remembered between calls while the parameters do not change."""
         params = list(self.adapter_parameters(adapter))
         if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-            return self.rotation(adapter)
+            memo = forward_memo()
+            if memo is None or memo.get("owner") is None:
+                return self.rotation(adapter)
+            if _BATCH not in memo:
+                memo[_BATCH] = _batched_rotations(memo["owner"])
+            hit = memo[_BATCH].get((id(self), adapter))
+            return hit if hit is not None else self.rotation(adapter)
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         hit = self._rotations.get(adapter)
         if hit is not None and hit[0] == key:

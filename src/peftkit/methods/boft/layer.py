@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...kernels.orthogonal import butterfly_perms, cayley, drop_blocks, skew_part
+from ...kernels.orthogonal import butterfly_perms, drop_blocks
 from ..orthogonal import OrthogonalLayer
 
 
@@ -117,10 +117,13 @@ class BOFTLayer(OrthogonalLayer):
             self._perms[key] = butterfly_perms(self.fan_in, size, factors)
         return self._perms[key]
 
-    def rotation(self, adapter: str) -> tuple[torch.Tensor, list, bool]:
+    def rotation_source(self, adapter: str) -> tuple[tuple, torch.Tensor]:
         r = self.boft_R[adapter]
-        n, d, bs, _ = r.shape
-        blocks = cayley(skew_part(r.reshape(n * d, bs, bs))).view(n, d, bs, bs)
+        return ("full", r.shape[-1], None), r.reshape(-1, r.shape[-1], r.shape[-1])
+
+    def finish_rotation(self, adapter: str, blocks: torch.Tensor) -> tuple[torch.Tensor, list, bool]:
+        n, d, bs, _ = self.boft_R[adapter].shape
+        blocks = blocks.view(n, d, bs, bs)
         if self.training and self.boft_dropout[adapter] > 0:
             blocks = drop_blocks(blocks, self.boft_dropout[adapter])
         return blocks, self._perms_for(bs, n), True

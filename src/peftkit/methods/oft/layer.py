@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...kernels.orthogonal import cayley, drop_blocks, packed_size, skew_from_packed
+from ...kernels.orthogonal import drop_blocks, packed_size
 from ..orthogonal import OrthogonalLayer
 
 
@@ -96,12 +96,13 @@ class OFTLayer(OrthogonalLayer):
             norm = w.norm(dim=1, keepdim=True) * math.sqrt(2.0)  # a packed entry appears twice in Q
             w.mul_(torch.where(norm > radius, radius / norm, torch.ones_like(norm)))
 
-    def rotation(self, adapter: str) -> tuple[torch.Tensor, list, bool]:
+    def rotation_source(self, adapter: str) -> tuple[tuple, torch.Tensor]:
         if self.coft[adapter]:
             self._project(adapter)
-        terms = self.neumann_terms[adapter]
-        blocks = cayley(skew_from_packed(self.oft_R[adapter].weight, self.oft_block_size[adapter]), terms)
+        return ("packed", self.oft_block_size[adapter], self.neumann_terms[adapter]), self.oft_R[adapter].weight
+
+    def finish_rotation(self, adapter: str, blocks: torch.Tensor) -> tuple[torch.Tensor, list, bool]:
         blocks = blocks.unsqueeze(0)  # (1, r or 1, bs, bs): one factor, no permutation
         if self.training and self.module_dropout[adapter] > 0:
             blocks = drop_blocks(blocks, self.module_dropout[adapter])
-        return blocks, [None], terms is None
+        return blocks, [None], self.neumann_terms[adapter] is None
