@@ -28,6 +28,13 @@ from .methods.lora import LoraConfig, LoraLayer
 from .methods.shira import ShiraConfig, ShiraLayer
 from .methods.oft import OFTConfig, OFTLayer
 from .methods.boft import BOFTConfig, BOFTLayer
+from .prompt import (
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -70,6 +77,11 @@ __all__ = [
     "LoraModel",
     "ModulesToSaveWrapper",
     "PeftConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",

@@ -42,6 +42,8 @@ class PeftConfig:
 
     # ``r = 0`` means "not set" (OFT, where the block size is given instead).
     r_may_be_zero: ClassVar[bool] = False
+    # Prompt-learning methods (virtual tokens) override this.
+    is_prompt_learning: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.task_type is not None:

@@ -175,5 +175,5 @@ def _vocab_resized(model: nn.Module, config: PeftConfig) -> bool:
 
 
 def _normalise_key(key: str) -> str:
-    """Accept keys saved without the ``base_model.model.`` prefix as well."""
-    return key if key.startswith("base_model.") else "base_model.model." + key
+    """Accept keys saved without the ``base_model.model.`` prefix as well (``prompt_embeddings`` has none)."""
+    return key if key.startswith("base_model.") or key == "prompt_embeddings" else "base_model.model." + key

@@ -48,7 +48,12 @@ class PeftModel(nn.Module):
     ) -> None:
         super().__init__()
         self._add_task_modules(peft_config)
-        self.base_model = AdapterModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        engine = AdapterModel
+        if peft_config.is_prompt_learning:
+            from .prompt.engine import PromptModel
+
+            engine = PromptModel
+        self.base_model = engine(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         self.training = model.training
         self.special_peft_forward_args = {"adapter_names"}
 

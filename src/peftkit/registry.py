@@ -33,6 +33,9 @@ class MethodSpec:
             whose init changed the base weights into one for the original base model.
         prepare: ``(config, model_type) -> None``: fills model-dependent defaults into the adapter's
             own config copy (after the engine's ``target_modules`` default), e.g. IA3's feed-forward set.
+        prompt: for prompt-learning methods, ``(config, word_embeddings, total_tokens, loading) -> module``
+            whose ``forward()`` gives the (total_tokens, token_dim) prompt; ``loading``: a table to be
+            filled from a file.
     """
 
     peft_type: PeftType
@@ -44,6 +47,7 @@ class MethodSpec:
     weighted: Callable[..., None] | None = None
     convert_initial: Callable[..., tuple[Any, dict]] | None = None
     prepare: Callable[[Any, str | None], None] | None = None
+    prompt: Callable[..., Any] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

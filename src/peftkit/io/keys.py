@@ -67,9 +67,34 @@ class Slot:
             setattr(self.owner, self.leaf, new)
 
 
+class PromptSlot(Slot):
+    """The ``prompt_embeddings`` of a prompt-learning adapter: its encoder's output.
+
+    Reading runs the encoder; writing replaces the encoder by a table of the given values
+    (a file holds no encoder).
+    """
+
+    def get(self) -> torch.Tensor:
+        return self.owner.prompt_encoder[self.leaf]()
+
+    def set(self, value: torch.Tensor) -> None:
+        from ..prompt.encoders import PromptTable
+
+        engine = self.owner
+        weight = engine.word_embeddings.weight
+        dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+        engine.prompt_encoder[self.leaf] = PromptTable(value.detach().to(device=weight.device, dtype=dtype).clone())
+        engine._sync_trainable()
+
+
 def adapter_key_map(tuner: AdapterModel, adapter: str) -> dict[str, Slot]:
     """Checkpoint key -> ``Slot`` for every tensor of one adapter."""
     out: dict[str, Slot] = {}
+    file_prefix = PREFIX
+    if hasattr(tuner, "prompt_encoder"):  # prompt learning: PEFT's file has no ".model" level
+        file_prefix = "base_model."
+        mem = f"base_model.prompt_encoder.{adapter}.embedding.weight"
+        out["prompt_embeddings"] = PromptSlot(tuner, adapter, mem)
     for path, module in top_level_modules(tuner.model):
         base = path + "." if path else ""
         if isinstance(module, AdapterLayer):
@@ -88,7 +113,7 @@ def adapter_key_map(tuner: AdapterModel, adapter: str) -> dict[str, Slot]:
                         out[ckpt] = Slot(owner, leaf, f"{mem}.{sub}", module)
         elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
             for sub, owner, leaf in _tensors(module.modules_to_save[adapter]):
-                out[PREFIX + base + sub] = Slot(owner, leaf, f"{PREFIX}{base}modules_to_save.{adapter}.{sub}")
+                out[file_prefix + base + sub] = Slot(owner, leaf, f"{PREFIX}{base}modules_to_save.{adapter}.{sub}")
     for key, slot in _bias_slots(tuner, adapter).items():
         out.setdefault(key, slot)  # a trained modules_to_save copy wins over the original's bias
     return out

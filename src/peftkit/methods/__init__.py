@@ -7,3 +7,4 @@ from . import ia3  # noqa: F401
 from . import loha  # noqa: F401
 from . import oft  # noqa: F401
 from . import boft  # noqa: F401
+from .. import prompt  # noqa: F401  (prompt tuning, P-tuning)

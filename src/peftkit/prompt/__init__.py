@@ -1,0 +1,51 @@
+"""Prompt learning: methods that adapt a frozen model through virtual tokens in its input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..registry import MethodSpec, register_method
+from ..types import PeftType
+from .config import (
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
+from .encoders import PromptEncoder, PromptTable, initial_table
+from .engine import PromptModel
+
+
+def _empty_table(config: Any, emb: nn.Module, total: int) -> PromptTable:
+    return PromptTable(torch.empty(total, config.token_dim, device="meta"))
+
+
+def _prompt_tuning(config: PromptTuningConfig, emb: nn.Module, total: int, loading: bool) -> nn.Module:
+    if loading:
+        return _empty_table(config, emb, total)
+    return PromptTable(initial_table(config, emb, total, config.token_dim))
+
+
+def _p_tuning(config: PromptEncoderConfig, emb: nn.Module, total: int, loading: bool) -> nn.Module:
+    if loading:  # a file holds the encoder's output: the encoder itself is not needed
+        return _empty_table(config, emb, total)
+    return PromptEncoder(total, config.token_dim, config)
+
+
+register_method(MethodSpec(peft_type=PeftType.PROMPT_TUNING, config=PromptTuningConfig, prompt=_prompt_tuning))
+register_method(MethodSpec(peft_type=PeftType.P_TUNING, config=PromptEncoderConfig, prompt=_p_tuning))
+
+__all__ = [
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptModel",
+    "PromptTable",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+]
