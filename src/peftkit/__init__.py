@@ -29,6 +29,7 @@ from .methods.shira import ShiraConfig, ShiraLayer
 from .methods.oft import OFTConfig, OFTLayer
 from .methods.boft import BOFTConfig, BOFTLayer
 from .prompt import (
+    PrefixTuningConfig,
     PromptEncoderConfig,
     PromptEncoderReparameterizationType,
     PromptLearningConfig,
@@ -77,6 +78,7 @@ __all__ = [
     "LoraModel",
     "ModulesToSaveWrapper",
     "PeftConfig",
+    "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",
     "PromptLearningConfig",

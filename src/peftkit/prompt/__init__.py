@@ -13,10 +13,11 @@ from .config import (
     PromptEncoderConfig,
     PromptEncoderReparameterizationType,
     PromptLearningConfig,
+    PrefixTuningConfig,
     PromptTuningConfig,
     PromptTuningInit,
 )
-from .encoders import PromptEncoder, PromptTable, initial_table
+from .encoders import PrefixEncoder, PromptEncoder, PromptTable, initial_table
 from .engine import PromptModel
 
 
@@ -36,10 +37,19 @@ def _p_tuning(config: PromptEncoderConfig, emb: nn.Module, total: int, loading: 
     return PromptEncoder(total, config.token_dim, config)
 
 
+def _prefix_tuning(config: PrefixTuningConfig, emb: nn.Module, total: int, loading: bool) -> nn.Module:
+    if loading:  # a file holds the prefixes themselves (after any projection)
+        return PromptTable(torch.empty(total, config.num_layers * 2 * config.token_dim, device="meta"))
+    return PrefixEncoder(config)
+
+
+register_method(MethodSpec(peft_type=PeftType.PREFIX_TUNING, config=PrefixTuningConfig, prompt=_prefix_tuning))
 register_method(MethodSpec(peft_type=PeftType.PROMPT_TUNING, config=PromptTuningConfig, prompt=_prompt_tuning))
 register_method(MethodSpec(peft_type=PeftType.P_TUNING, config=PromptEncoderConfig, prompt=_p_tuning))
 
 __all__ = [
+    "PrefixEncoder",
+    "PrefixTuningConfig",
     "PromptEncoder",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",

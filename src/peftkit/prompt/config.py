@@ -128,3 +128,29 @@ class PromptEncoderConfig(PromptLearningConfig):
                              f"got {self.encoder_reparameterization_type!r}.")
         if not 0.0 <= self.encoder_dropout <= 1.0:
             raise ValueError(f"PromptEncoderConfig.encoder_dropout is a probability, got {self.encoder_dropout!r}.")
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning: learned key/value prefixes for every attention layer, fed through the model's cache.
+
+    For a grouped-query model ``token_dim`` and ``num_attention_heads`` become the key/value
+    sizes (``head_dim · num_key_value_heads`` and ``num_key_value_heads``), as PEFT records them.
+    The file stores the (num_virtual_tokens, num_layers · 2 · token_dim) prefix itself.
+
+    Attributes:
+        encoder_hidden_size: the projection's hidden size (None: token_dim).
+        prefix_projection: learn a (num_virtual_tokens, token_dim) table and project it with a
+            two-layer MLP (tanh) to the prefixes, instead of learning the prefixes directly.
+        init_weights: None (random) or "zero" (the prefixes, or the projection's last layer, start at 0).
+    """
+
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        self.peft_type = PeftType.PREFIX_TUNING
+        super().__post_init__()
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"PrefixTuningConfig.init_weights must be None or 'zero', got {self.init_weights!r}.")

@@ -71,3 +71,29 @@ def initial_table(config: Any, word_embeddings: nn.Module, total: int, token_dim
         ids = torch.tensor(text_ids, dtype=torch.long, device=weight.device)
     with torch.no_grad():
         return word_embeddings(ids).detach().clone().float()
+
+
+class PrefixEncoder(nn.Module):
+    """Prefix tuning: the (num_virtual_tokens, num_layers · 2 · token_dim) key/value prefixes,
+    learned directly or as a table through a two-layer tanh MLP (``prefix_projection``)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        n, dim, width = config.num_virtual_tokens, config.token_dim, config.num_layers * 2 * config.token_dim
+        self.prefix_projection = bool(config.prefix_projection)
+        if self.prefix_projection:
+            self.embedding = nn.Embedding(n, dim)
+            hidden = config.encoder_hidden_size or dim
+            self.transform = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
+            last = self.transform[-1]
+        else:
+            self.embedding = nn.Embedding(n, width)
+            last = self.embedding
+        if config.init_weights == "zero":
+            with torch.no_grad():
+                for p in last.parameters():
+                    p.zero_()
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding.weight
+        return self.transform(x) if self.prefix_projection else x

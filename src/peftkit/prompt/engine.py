@@ -25,7 +25,7 @@ from torch import nn
 from ..config import PeftConfig
 from ..core.tuner import AdapterModel
 from ..registry import get_method
-from ..types import TaskType
+from ..types import PeftType, TaskType
 
 _LABELLED_PER_TOKEN = (TaskType.CAUSAL_LM.value, TaskType.TOKEN_CLS.value)
 
@@ -82,6 +82,12 @@ class PromptModel(AdapterModel):
         if config.num_attention_heads is None:
             config.num_attention_heads = _first(mc, ("num_attention_heads", "n_head", "num_heads",
                                                      "encoder_attention_heads"))
+        if config.peft_type == PeftType.PREFIX_TUNING.value and mc.get("num_key_value_heads") is not None:
+            # the prefixes are keys and values: sized like them on a grouped-query model
+            heads = config.num_attention_heads
+            head_dim = mc.get("head_dim") or config.token_dim // heads
+            config.token_dim = head_dim * mc["num_key_value_heads"]
+            config.num_attention_heads = mc["num_key_value_heads"]
         missing = [f for f in ("num_layers", "token_dim", "num_attention_heads") if getattr(config, f) is None]
         if missing:
             raise ValueError(f"Cannot read {', '.join(missing)} from the model's config: set them in the "
@@ -104,13 +110,20 @@ class PromptModel(AdapterModel):
             raise ValueError(f"{type(config).__name__}.num_virtual_tokens is required (e.g. 20).")
         if config.task_type == TaskType.SEQ_2_SEQ_LM.value:
             raise NotImplementedError("Prompt learning on encoder-decoder (SEQ_2_SEQ_LM) models is not supported yet.")
+        prefix = config.peft_type == PeftType.PREFIX_TUNING.value
+        if prefix and config.task_type != TaskType.CAUSAL_LM.value:
+            raise NotImplementedError(f"Prefix tuning supports task_type='CAUSAL_LM' for now, not {config.task_type!r}.")
+        if prefix and any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()):
+            raise ValueError("Prefix tuning feeds its prefixes through the key/value cache, which gradient "
+                             "checkpointing turns off: call gradient_checkpointing_disable() first, or use prompt "
+                             "tuning / P-tuning.")
         config = self.prepare_config(config)
         emb = self.word_embeddings
-        if emb.weight.shape[1] != config.token_dim:
+        if not prefix and emb.weight.shape[1] != config.token_dim:
             raise ValueError(f"{type(config).__name__}.token_dim={config.token_dim} does not match the model's "
                              f"embedding size {emb.weight.shape[1]}: leave token_dim unset or set it to "
                              f"{emb.weight.shape[1]}.")
-        total = config.num_virtual_tokens * config.num_transformer_submodules
+        total = config.num_virtual_tokens * (1 if prefix else config.num_transformer_submodules)
         loading = low_cpu_mem_usage or config.inference_mode
         encoder = spec.prompt(config, emb, total, loading)
         if not loading:
@@ -171,6 +184,20 @@ class PromptModel(AdapterModel):
         with torch.no_grad():
             return self.prompt_encoder[adapter_name]().detach().cpu()
 
+    def prefix_cache(self, adapter: str, batch_size: int) -> Any:
+        """A ``DynamicCache`` holding one adapter's key/value prefixes for every layer."""
+        from transformers import DynamicCache
+
+        config = self.peft_config[adapter]
+        n, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
+        kv = self.prompt_encoder[adapter]().to(self.word_embeddings.weight.dtype)  # (n, layers·2·token_dim)
+        kv = kv.view(1, n, layers * 2, heads, config.token_dim // heads).expand(batch_size, -1, -1, -1, -1)
+        kv = kv.permute(2, 0, 3, 1, 4)  # (layers·2, batch, heads, n, head_dim)
+        return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(layers)])
+
+    def _is_prefix(self, adapter: str) -> bool:
+        return self.peft_config[adapter].peft_type == PeftType.PREFIX_TUNING.value
+
     def _prompting(self) -> str | None:
         """The adapter whose prompt applies now, or None (disabled, or no adapter)."""
         if not self._prompts_enabled or not self.active_adapters:
@@ -180,6 +207,8 @@ class PromptModel(AdapterModel):
     def _add_prompt(self, adapter: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The forward's keyword arguments with the virtual tokens in front."""
         config = self.peft_config[adapter]
+        if self._is_prefix(adapter):
+            return self._add_prefix(adapter, kwargs)
         input_ids = kwargs.pop("input_ids", None)
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
@@ -206,6 +235,27 @@ class PromptModel(AdapterModel):
         kwargs["inputs_embeds"] = torch.cat([self.prompt(adapter, batch, embeds.dtype), embeds], dim=1)
         return kwargs
 
+    def _add_prefix(self, adapter: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The forward's keyword arguments with the prefixes in the cache (the input itself is unchanged)."""
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("Prefix tuning builds past_key_values itself: do not pass a cache.")
+        n = self.peft_config[adapter].num_virtual_tokens
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if inputs is None:
+            raise ValueError("Pass input_ids or inputs_embeds.")
+        batch = inputs.shape[0]
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + n  # after the prefix
+        if kwargs.get("token_type_ids") is not None:
+            warnings.warn("token_type_ids are ignored with prefix tuning on a causal LM.")
+            kwargs["token_type_ids"] = None
+        kwargs["past_key_values"] = self.prefix_cache(adapter, batch)
+        kwargs.setdefault("use_cache", True)
+        return kwargs
+
     # ------------------------------------------------------------------ calls
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is not None:
@@ -228,6 +278,7 @@ class PromptModel(AdapterModel):
         model = self.model
         original = model.prepare_inputs_for_generation
         n = self.peft_config[adapter].num_virtual_tokens
+        prefix = self._is_prefix(adapter)
 
         def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:  # named so: generate() inspects the signature
             inputs = original(*args, **kwargs)
@@ -236,7 +287,11 @@ class PromptModel(AdapterModel):
             mask = inputs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 inputs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
-            if first:
+            if first and prefix:
+                ids = inputs.get("input_ids")
+                batch = (ids if ids is not None else inputs["inputs_embeds"]).shape[0]
+                inputs["past_key_values"] = self.prefix_cache(adapter, batch)
+            elif first:
                 ids = inputs.pop("input_ids")
                 embeds = inputs.pop("inputs_embeds", None)
                 if embeds is None:
