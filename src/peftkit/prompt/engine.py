@@ -58,8 +58,14 @@ class PromptModel(AdapterModel):
         self.active_adapter: str | list[str] = adapter_name
         self.prompt_encoder = nn.ModuleDict()
         self._prompts_enabled = True
+        trainable = [p for p in model.parameters() if p.requires_grad]
         model.requires_grad_(False)
-        self.inject_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        try:
+            self.inject_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        except BaseException:
+            for p in trainable:  # the model is left as it was
+                p.requires_grad_(True)
+            raise
         self.model.peft_config = self.peft_config
 
     # ------------------------------------------------------------------ building
