@@ -29,6 +29,7 @@ from .methods.shira import ShiraConfig, ShiraLayer
 from .methods.oft import OFTConfig, OFTLayer
 from .methods.boft import BOFTConfig, BOFTLayer
 from .prompt import (
+    AdaptionPromptConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptEncoderReparameterizationType,
@@ -55,6 +56,7 @@ LoHaModel = AdapterModel
 
 __all__ = [
     "AdapterLayer",
+    "AdaptionPromptConfig",
     "BOFTConfig",
     "BOFTLayer",
     "AdapterModel",

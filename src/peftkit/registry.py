@@ -36,6 +36,8 @@ class MethodSpec:
         prompt: for prompt-learning methods, ``(config, word_embeddings, total_tokens, loading) -> module``
             whose ``forward()`` gives the (total_tokens, token_dim) prompt; ``loading``: a table to be
             filled from a file.
+        select: ``(config, [(name, module), ...]) -> [(name, module), ...]``: the modules to adapt,
+            for methods whose targets are not chosen by ``target_modules`` matching alone.
     """
 
     peft_type: PeftType
@@ -48,6 +50,7 @@ class MethodSpec:
     convert_initial: Callable[..., tuple[Any, dict]] | None = None
     prepare: Callable[[Any, str | None], None] | None = None
     prompt: Callable[..., Any] | None = None
+    select: Callable[[Any, list], list] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

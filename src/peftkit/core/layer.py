@@ -77,6 +77,11 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
 
+    @classmethod
+    def can_wrap(cls, module: nn.Module) -> bool:
+        """Whether this layer class can wrap ``module`` (by default: its base-layer kind is supported)."""
+        return getattr(ops_for(module), "kind", None) in cls.supported_kinds
+
     # ------------------------------------------------------------------ the method's part
     def create(self, adapter: str, config: Any, **per_layer: Any) -> None:
         """Build the parameters of one adapter (on ``self.base_layer``'s device)."""
@@ -171,16 +176,22 @@ class AdapterLayer(nn.Module):
         """The key fragment a tensor is saved under (``lora_A`` + ``weight`` -> ``lora_A.weight``)."""
         return f"{attr}.{sub}" if sub else attr
 
+    @property
+    def anchor(self) -> torch.Tensor:
+        """The base layer's weight (or first parameter): where and in what dtype adapters live."""
+        w = getattr(self.base_layer, "weight", None)
+        return w if isinstance(w, torch.Tensor) else next(self.base_layer.parameters())
+
     def adapter_dtype(self) -> torch.dtype:
         """Adapter weights are kept in float32 over a half-precision base (stable training)."""
-        dtype = self.base_layer.weight.dtype
+        dtype = self.anchor.dtype
         return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
     def add_adapter(self, adapter: str, config: Any, *, device: torch.device | str | None = None, **kw: Any) -> None:
         """Create one adapter and make its trainability follow the active set."""
         if adapter in self.adapters:
             raise ValueError(f"Adapter {adapter!r} already exists on this layer.")
-        target = torch.device(device if device is not None else self.base_layer.weight.device)
+        target = torch.device(device if device is not None else self.anchor.device)
         self.create(adapter, config, device=target, **kw)
         dtype = self.adapter_dtype()
         for p in self.adapter_parameters(adapter):

@@ -186,14 +186,17 @@ class AdapterModel(nn.Module):
                 )
         config = self.prepare_config(config, spec)
         modules = list(top_level_modules(self.model))
-        targets = [(key, module) for key, module in modules if key and is_target(config, key)]
+        if spec.select is not None:  # the method picks its own modules (Llama-Adapter: the top attention layers)
+            targets = spec.select(config, modules)
+        else:
+            targets = [(key, module) for key, module in modules if key and is_target(config, key)]
         if not targets:
             raise no_match_error(config, modules, self.model)
         for key, module in targets:
             if isinstance(module, AdapterLayer):
                 if not isinstance(module, spec.layer):
                     raise TypeError(f"{key} already holds a {type(module).__name__}; cannot add {spec.layer.__name__}.")
-            elif getattr(ops_for(module), "kind", None) not in spec.layer.supported_kinds:
+            elif not spec.layer.can_wrap(module):
                 raise TypeError(
                     f"Target module {key} is a {type(module).__name__}; {config.peft_type} adapts "
                     f"{_kinds_text(spec.layer.supported_kinds)}. Narrow target_modules."

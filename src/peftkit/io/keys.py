@@ -58,7 +58,7 @@ class Slot:
                 dtype = self.layer.adapter_dtype()
             else:
                 dtype = old.dtype
-            device = self.layer.base_layer.weight.device if self.layer is not None else old.device
+            device = self.layer.anchor.device if self.layer is not None else old.device
             value = value.to(device=device, dtype=dtype)
             new = value if isinstance(self.owner, BufferDict) else nn.Parameter(value, requires_grad=old.requires_grad)
         if isinstance(self.owner, (nn.ParameterDict, BufferDict)):

@@ -17,6 +17,7 @@ from .config import (
     PromptTuningConfig,
     PromptTuningInit,
 )
+from .adaption_prompt import AdaptedAttention, AdaptionPromptConfig
 from .encoders import PrefixEncoder, PromptEncoder, PromptTable, initial_table
 from .engine import PromptModel
 
@@ -48,6 +49,8 @@ register_method(MethodSpec(peft_type=PeftType.PROMPT_TUNING, config=PromptTuning
 register_method(MethodSpec(peft_type=PeftType.P_TUNING, config=PromptEncoderConfig, prompt=_p_tuning))
 
 __all__ = [
+    "AdaptedAttention",
+    "AdaptionPromptConfig",
     "PrefixEncoder",
     "PrefixTuningConfig",
     "PromptEncoder",
