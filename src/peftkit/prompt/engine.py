@@ -81,8 +81,9 @@ class PromptModel(AdapterModel):
         """A copy of ``config`` with the model's sizes filled in (as PEFT records them)."""
         config = dataclasses.replace(config)
         mc = _model_config(self.model)
-        if config.num_layers is None:
-            config.num_layers = _first(mc, ("num_hidden_layers", "num_layers", "n_layer"))
+        if config.num_layers is None:  # the attribute first: BART maps num_hidden_layers to encoder_layers
+            config.num_layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None) or _first(
+                mc, ("num_hidden_layers", "num_layers", "n_layer"))
         if config.token_dim is None:
             config.token_dim = _first(mc, ("hidden_size", "n_embd", "d_model"))
         if config.num_attention_heads is None:
@@ -114,8 +115,6 @@ class PromptModel(AdapterModel):
             raise ValueError(f"An adapter named {adapter_name!r} already exists: pick another name.")
         if config.num_virtual_tokens is None:
             raise ValueError(f"{type(config).__name__}.num_virtual_tokens is required (e.g. 20).")
-        if config.task_type == TaskType.SEQ_2_SEQ_LM.value:
-            raise NotImplementedError("Prompt learning on encoder-decoder (SEQ_2_SEQ_LM) models is not supported yet.")
         prefix = config.peft_type == PeftType.PREFIX_TUNING.value
         if prefix and config.task_type != TaskType.CAUSAL_LM.value:
             raise NotImplementedError(f"Prefix tuning supports task_type='CAUSAL_LM' for now, not {config.task_type!r}.")
@@ -238,7 +237,8 @@ class PromptModel(AdapterModel):
                 kwargs["token_type_ids"] = None
             else:
                 kwargs["token_type_ids"] = torch.cat([token_types.new_zeros(batch, n), token_types], dim=1)
-        kwargs["inputs_embeds"] = torch.cat([self.prompt(adapter, batch, embeds.dtype), embeds], dim=1)
+        prompt = self.prompt(adapter, batch, embeds.dtype)[:, :n]  # an encoder-decoder's encoder gets the first n
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         return kwargs
 
     def _add_prefix(self, adapter: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -282,6 +282,8 @@ class PromptModel(AdapterModel):
         if adapter is None:
             return self.model.generate(*args, **kwargs)
         model = self.model
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            return self._generate_encoder_decoder(adapter, args, kwargs)
         original = model.prepare_inputs_for_generation
         n = self.peft_config[adapter].num_virtual_tokens
         prefix = self._is_prefix(adapter)
@@ -316,6 +318,17 @@ class PromptModel(AdapterModel):
                 model.prepare_inputs_for_generation = own
             else:
                 del model.prepare_inputs_for_generation  # back to the class's method
+
+    def _generate_encoder_decoder(self, adapter: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The prompt goes in front of the encoder's input once; the decoder generates as usual."""
+        if self._is_prefix(adapter):
+            raise NotImplementedError("Prefix tuning on encoder-decoder models is not supported yet.")
+        if args:
+            kwargs["input_ids"] = args[0]
+        if kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is None:
+            raise ValueError("Pass input_ids (or inputs_embeds) to generate.")
+        kwargs.pop("encoder_outputs", None)  # the encoder must see the prompt: it runs again
+        return self.model.generate(**self._add_prompt(adapter, kwargs))
 
     def adapter_layers(self) -> Iterator[tuple[str, Any]]:
         return iter(())
