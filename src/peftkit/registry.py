@@ -33,9 +33,9 @@ class MethodSpec:
             whose init changed the base weights into one for the original base model.
         prepare: ``(config, model_type) -> None``: fills model-dependent defaults into the adapter's
             own config copy (after the engine's ``target_modules`` default), e.g. IA3's feed-forward set.
-        prompt: for prompt-learning methods, ``(config, word_embeddings, total_tokens, loading) -> module``
-            whose ``forward()`` gives the (total_tokens, token_dim) prompt; ``loading``: a table to be
-            filled from a file.
+        prompt: for prompt-learning methods, ``(config, word_embeddings, total_tokens, mode) -> module``
+            whose ``forward()`` gives the prompt; ``mode``: "train" (the method's encoder), "table" (a
+            plain table, for inference) or "load" (a table on the meta device, filled from a file).
         select: ``(config, [(name, module), ...]) -> [(name, module), ...]``: the modules to adapt,
             for methods whose targets are not chosen by ``target_modules`` matching alone.
     """

@@ -22,25 +22,28 @@ from .encoders import PrefixEncoder, PromptEncoder, PromptTable, initial_table
 from .engine import PromptModel
 
 
-def _empty_table(config: Any, emb: nn.Module, total: int) -> PromptTable:
-    return PromptTable(torch.empty(total, config.token_dim, device="meta"))
+def _table(config: Any, total: int, width: int, mode: str) -> PromptTable:
+    """A plain table: on meta to be loaded ("load"), or a fresh nn.Embedding's random rows ("table")."""
+    if mode == "load":
+        return PromptTable(torch.empty(total, width, device="meta"))
+    return PromptTable(nn.Embedding(total, width).weight.detach())
 
 
-def _prompt_tuning(config: PromptTuningConfig, emb: nn.Module, total: int, loading: bool) -> nn.Module:
-    if loading:
-        return _empty_table(config, emb, total)
+def _prompt_tuning(config: PromptTuningConfig, emb: nn.Module, total: int, mode: str) -> nn.Module:
+    if mode != "train":  # inference: PEFT does not initialise from the vocabulary either
+        return _table(config, total, config.token_dim, mode)
     return PromptTable(initial_table(config, emb, total, config.token_dim))
 
 
-def _p_tuning(config: PromptEncoderConfig, emb: nn.Module, total: int, loading: bool) -> nn.Module:
-    if loading:  # a file holds the encoder's output: the encoder itself is not needed
-        return _empty_table(config, emb, total)
+def _p_tuning(config: PromptEncoderConfig, emb: nn.Module, total: int, mode: str) -> nn.Module:
+    if mode != "train":  # a file holds the encoder's output: the encoder itself is not needed
+        return _table(config, total, config.token_dim, mode)
     return PromptEncoder(total, config.token_dim, config)
 
 
-def _prefix_tuning(config: PrefixTuningConfig, emb: nn.Module, total: int, loading: bool) -> nn.Module:
-    if loading:  # a file holds the prefixes themselves (after any projection)
-        return PromptTable(torch.empty(total, config.num_layers * 2 * config.token_dim, device="meta"))
+def _prefix_tuning(config: PrefixTuningConfig, emb: nn.Module, total: int, mode: str) -> nn.Module:
+    if mode != "train":  # a file holds the prefixes themselves (after any projection)
+        return _table(config, total, config.num_layers * 2 * config.token_dim, mode)
     return PrefixEncoder(config)
 
 

@@ -129,9 +129,11 @@ class PromptModel(AdapterModel):
                              f"embedding size {emb.weight.shape[1]}: leave token_dim unset or set it to "
                              f"{emb.weight.shape[1]}.")
         total = config.num_virtual_tokens * (1 if prefix else config.num_transformer_submodules)
-        loading = low_cpu_mem_usage or config.inference_mode
-        encoder = spec.prompt(config, emb, total, loading)
-        if not loading:
+        # loading (tensors on meta, filled from a file) or inference (a plain table: the file holds the
+        # encoder's output) or training (the method's encoder)
+        mode = "load" if low_cpu_mem_usage else "table" if config.inference_mode else "train"
+        encoder = spec.prompt(config, emb, total, mode)
+        if mode != "load":
             encoder.to(emb.weight.device)
         self.peft_config[adapter_name] = config
         self.prompt_encoder[adapter_name] = encoder
@@ -187,7 +189,7 @@ class PromptModel(AdapterModel):
     def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
         """What a file stores for an adapter: the encoder's output, (total_virtual_tokens, token_dim)."""
         with torch.no_grad():
-            return self.prompt_encoder[adapter_name]().detach().cpu()
+            return self.prompt_encoder[adapter_name]().detach().clone().cpu()
 
     def prefix_cache(self, adapter: str, batch_size: int) -> Any:
         """A ``DynamicCache`` holding one adapter's key/value prefixes for every layer."""
