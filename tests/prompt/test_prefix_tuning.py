@@ -184,3 +184,48 @@ def test_zero_init_starts_as_keys_and_values_of_zero():
     cfg = peftkit.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, init_weights="zero")
     m = peftkit.get_peft_model(_gpt2(), cfg)
     assert torch.count_nonzero(m.base_model.get_prompt_embedding_to_save("default")) == 0
+
+
+def _bert(task: str):
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
+    cls = BertForSequenceClassification if task == "SEQ_CLS" else BertForTokenClassification
+    return cls(cfg).eval()
+
+
+def _llama_cls(task: str):
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, pad_token_id=0)
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("build,task", [(_bert, "SEQ_CLS"), (_bert, "TOKEN_CLS"), (_llama_cls, "SEQ_CLS")],
+                         ids=["bert_seq", "bert_token", "llama_seq"])
+def test_classification_models_match_peft_both_ways(build, task, tmp_path):
+    inputs = _inputs(padded=True)
+    labels = torch.tensor([0, 1]) if task == "SEQ_CLS" else torch.zeros_like(inputs["input_ids"])
+    out = {}
+    for lib in ("peft", "peftkit"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(1)
+            m = LIBS[lib].get_peft_model(build(task), LIBS[lib].PrefixTuningConfig(task_type=task, num_virtual_tokens=4))
+        m.eval()
+        with torch.no_grad():
+            out[lib] = m(**inputs, labels=labels)
+        m.save_pretrained(tmp_path / lib)
+    assert torch.equal(out["peft"].logits, out["peftkit"].logits)
+    assert torch.equal(out["peft"].loss, out["peftkit"].loss)
+    with torch.no_grad():
+        assert not torch.allclose(out["peftkit"].logits, build(task)(**inputs).logits)
+    for src, dst in (("peft", "peftkit"), ("peftkit", "peft")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = LIBS[dst].PeftModel.from_pretrained(build(task), str(tmp_path / src)).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(**inputs).logits, out[src].logits)

@@ -116,8 +116,9 @@ class PromptModel(AdapterModel):
         if config.num_virtual_tokens is None:
             raise ValueError(f"{type(config).__name__}.num_virtual_tokens is required (e.g. 20).")
         prefix = config.peft_type == PeftType.PREFIX_TUNING.value
-        if prefix and config.task_type != TaskType.CAUSAL_LM.value:
-            raise NotImplementedError(f"Prefix tuning supports task_type='CAUSAL_LM' for now, not {config.task_type!r}.")
+        if prefix and config.task_type == TaskType.SEQ_2_SEQ_LM.value:
+            raise NotImplementedError("Prefix tuning on encoder-decoder models (SEQ_2_SEQ_LM) is not supported yet: "
+                                      "use prompt tuning or P-tuning there, or task_type='CAUSAL_LM' models.")
         if prefix and any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()):
             raise ValueError("Prefix tuning feeds its prefixes through the key/value cache, which gradient "
                              "checkpointing turns off: call gradient_checkpointing_disable() first, or use prompt "
@@ -257,11 +258,13 @@ class PromptModel(AdapterModel):
             kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + n  # after the prefix
-        if kwargs.get("token_type_ids") is not None:
+        causal = self.peft_config[adapter].task_type == TaskType.CAUSAL_LM.value
+        if causal and kwargs.get("token_type_ids") is not None:
             warnings.warn("token_type_ids are ignored with prefix tuning on a causal LM.")
             kwargs["token_type_ids"] = None
         kwargs["past_key_values"] = self.prefix_cache(adapter, batch)
-        kwargs.setdefault("use_cache", True)
+        if causal:
+            kwargs.setdefault("use_cache", True)
         return kwargs
 
     # ------------------------------------------------------------------ calls
