@@ -32,6 +32,8 @@ MODELS = {"t5": _t5, "bart": _bart}
 METHODS = {
     "prompt_tuning": lambda L: L.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4),
     "p_tuning": lambda L: L.PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, encoder_hidden_size=16),
+    # the decoder's self-attention gets key/value prefixes (PEFT's layer layout, see PromptModel.prefix_cache)
+    "prefix_tuning": lambda L: L.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4),
 }
 
 
@@ -66,8 +68,13 @@ def test_same_init_outputs_and_two_submodules_as_peft(model, method):
         oa, ob = a(**_batch()), b(**_batch())
     assert torch.equal(oa.logits, ob.logits) and torch.equal(oa.loss, ob.loss)
     assert b.peft_config["default"].num_transformer_submodules == 2
-    # the table has 2·n rows (PEFT's layout); only the first n reach the encoder
-    assert b.base_model.get_prompt_embedding_to_save("default").shape == (8, 32)
+    saved = b.base_model.get_prompt_embedding_to_save("default")
+    if method == "prefix_tuning":  # n rows of layers · 2 · token_dim
+        assert saved.shape == (4, 2 * 2 * 32)
+    else:  # the table has 2·n rows (PEFT's layout); only the first n reach the encoder
+        assert saved.shape == (8, 32)
+    with torch.no_grad():
+        assert not torch.allclose(ob.logits, MODELS[model]()(**_batch()).logits)
     assert torch.equal(_generate(a), _generate(b))
 
 
@@ -100,11 +107,3 @@ def test_training_lowers_the_loss_and_touches_only_the_prompt():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-
-
-def test_prefix_tuning_on_an_encoder_decoder_is_refused_clearly():
-    model = _t5()
-    with pytest.raises(NotImplementedError, match="CAUSAL_LM"):
-        peftkit.get_peft_model(model, peftkit.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
-    assert not hasattr(model, "peft_config")
-    assert all(p.requires_grad for p in model.parameters())

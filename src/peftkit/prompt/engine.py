@@ -116,9 +116,6 @@ class PromptModel(AdapterModel):
         if config.num_virtual_tokens is None:
             raise ValueError(f"{type(config).__name__}.num_virtual_tokens is required (e.g. 20).")
         prefix = config.peft_type == PeftType.PREFIX_TUNING.value
-        if prefix and config.task_type == TaskType.SEQ_2_SEQ_LM.value:
-            raise NotImplementedError("Prefix tuning on encoder-decoder models (SEQ_2_SEQ_LM) is not supported yet: "
-                                      "use prompt tuning or P-tuning there, or task_type='CAUSAL_LM' models.")
         if prefix and any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()):
             raise ValueError("Prefix tuning feeds its prefixes through the key/value cache, which gradient "
                              "checkpointing turns off: call gradient_checkpointing_disable() first, or use prompt "
@@ -201,7 +198,23 @@ class PromptModel(AdapterModel):
         kv = self.prompt_encoder[adapter]().to(self.word_embeddings.weight.dtype)  # (n, layers·2·token_dim)
         kv = kv.view(1, n, layers * 2, heads, config.token_dim // heads).expand(batch_size, -1, -1, -1, -1)
         kv = kv.permute(2, 0, 3, 1, 4)  # (layers·2, batch, heads, n, head_dim)
-        return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(layers)])
+        source = list(range(layers))
+        if self._encoder_decoder:
+            # PEFT's layout for encoder-decoder models: its (layers·2) rows are repeated and cut in groups of
+            # four (self k, v, cross k, v) per decoder layer, so layer i's self-attention reads row group
+            # 2i mod layers (and the cross part is then dropped). Files trained that way need the same reading.
+            source = [(2 * i) % layers for i in range(layers)]
+        cache = DynamicCache([(kv[2 * j], kv[2 * j + 1]) for j in source])
+        if self._encoder_decoder:
+            from transformers import EncoderDecoderCache
+
+            # the prefixes go to the decoder's self-attention; cross-attention computes its keys from the encoder
+            cache = EncoderDecoderCache(cache, DynamicCache())
+        return cache
+
+    @property
+    def _encoder_decoder(self) -> bool:
+        return bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
 
     def _is_prefix(self, adapter: str) -> bool:
         return self.peft_config[adapter].peft_type == PeftType.PREFIX_TUNING.value
@@ -253,9 +266,10 @@ class PromptModel(AdapterModel):
         if inputs is None:
             raise ValueError("Pass input_ids or inputs_embeds.")
         batch = inputs.shape[0]
-        mask = kwargs.get("attention_mask")
+        mask_key = "decoder_attention_mask" if self._encoder_decoder else "attention_mask"  # where the prefix is
+        mask = kwargs.get(mask_key)
         if mask is not None:
-            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+            kwargs[mask_key] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + n  # after the prefix
         causal = self.peft_config[adapter].task_type == TaskType.CAUSAL_LM.value
@@ -314,26 +328,43 @@ class PromptModel(AdapterModel):
             inputs.pop("position_ids", None)  # the model derives positions from the cache
             return inputs
 
+        if args:
+            kwargs["input_ids"] = args[0]
+        return self._with_prepare(prepare, kwargs)
+
+    def _generate_encoder_decoder(self, adapter: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The prompt goes in front of the encoder's input once; the decoder generates as usual."""
+        if args:
+            kwargs["input_ids"] = args[0]
+        if kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is None:
+            raise ValueError("Pass input_ids (or inputs_embeds) to generate.")
+        if not self._is_prefix(adapter):
+            kwargs.pop("encoder_outputs", None)  # the encoder must see the prompt: it runs again
+            return self.model.generate(**self._add_prompt(adapter, kwargs))
+        model = self.model
+        original = model.prepare_inputs_for_generation
+
+        def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:  # named so: generate() inspects the signature
+            inputs = original(*args, **kwargs)
+            cache = inputs.get("past_key_values")
+            if cache is None or cache.get_seq_length() == 0:  # prefill: the decoder's cache starts with the prefixes
+                inputs["past_key_values"] = self.prefix_cache(adapter, inputs["decoder_input_ids"].shape[0])
+            return inputs
+
+        return self._with_prepare(prepare, kwargs)
+
+    def _with_prepare(self, prepare: Any, kwargs: dict[str, Any]) -> Any:
+        """``model.generate(**kwargs)`` with ``prepare_inputs_for_generation`` replaced for the call."""
+        model = self.model
         own = vars(model).get("prepare_inputs_for_generation")  # an instance override to put back
         model.prepare_inputs_for_generation = prepare
         try:
-            return model.generate(*args, **kwargs)
+            return model.generate(**kwargs)
         finally:
             if own is not None:
                 model.prepare_inputs_for_generation = own
             else:
                 del model.prepare_inputs_for_generation  # back to the class's method
-
-    def _generate_encoder_decoder(self, adapter: str, args: tuple, kwargs: dict[str, Any]) -> Any:
-        """The prompt goes in front of the encoder's input once; the decoder generates as usual."""
-        if self._is_prefix(adapter):
-            raise NotImplementedError("Prefix tuning on encoder-decoder models is not supported yet.")
-        if args:
-            kwargs["input_ids"] = args[0]
-        if kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is None:
-            raise ValueError("Pass input_ids (or inputs_embeds) to generate.")
-        kwargs.pop("encoder_outputs", None)  # the encoder must see the prompt: it runs again
-        return self.model.generate(**self._add_prompt(adapter, kwargs))
 
     def adapter_layers(self) -> Iterator[tuple[str, Any]]:
         return iter(())
