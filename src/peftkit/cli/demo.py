@@ -110,12 +110,12 @@ def make_config(method: str, boft_factor: int = 2):
 
 
 def train_steps(model, tok, train: list, steps: int, batch_size: int, lr: float, seed: int, desc: str,
-                step_times: list | None = None) -> float:
+                step_times: list | None = None, weight_decay: float = 0.01) -> float:
     """The demo's optimiser loop (AdamW, 20-step warm-up, linear decay); returns seconds taken.
     Each step's wall time (tokenising included) is appended to ``step_times`` when given."""
     from tqdm.auto import tqdm
 
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
     rng = random.Random(seed)
     model.train()

@@ -21,7 +21,7 @@ from importlib import resources
 
 import torch
 
-from .demo import load_base, load_sms_spam, model_path, predict, split
+from .demo import load_base, load_sms_spam, model_path, predict, split, train_steps
 
 SENTIMENT_FILES = ("amazon_cells_labelled.txt", "imdb_labelled.txt", "yelp_labelled.txt")
 TARGETS = ["query", "key", "value", "dense"]
@@ -54,26 +54,7 @@ def accuracy(model, tok, rows) -> float:
 
 
 def train(model, tok, rows, steps: int, lr: float, batch_size: int, seed: int, desc: str) -> None:
-    from tqdm.auto import tqdm
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
-    rng = random.Random(seed)
-    model.train()
-    running = None
-    bar = tqdm(range(steps), desc=desc, unit="step")
-    for _ in bar:
-        batch = rng.sample(rows, batch_size)
-        enc = tok([r[0] for r in batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        out = model(**enc, labels=torch.tensor([r[1] for r in batch]))
-        out.loss.backward()
-        optim.step()
-        sched.step()
-        optim.zero_grad(set_to_none=True)
-        running = out.loss.item() if running is None else 0.9 * running + 0.1 * out.loss.item()
-        bar.set_postfix(loss=f"{running:.4f}")
-    bar.close()
+    train_steps(model, tok, rows, steps, batch_size, lr, seed, desc, weight_decay=0.0)
 
 
 def shira_overlap(model, a: str, b: str) -> float:
