@@ -32,6 +32,8 @@ Usage::
     python benchmarks/bench.py --quick --cases shira   # all shira_* cases ("shira" expands to them)
     python benchmarks/bench.py --cases lokr,loha,ia3   # the lokr_*, loha_* and ia3_* cases (~4 min full, quiet)
     python benchmarks/bench.py --cases oft,boft        # the oft_*, boft_* and boft2_* cases
+    python benchmarks/bench.py --cases prompt          # the prompt_tuning_*, p_tuning_*, prefix_*, adaption_prompt_* cases
+    python benchmarks/bench.py --child prefix_generate peftkit --repeats 3   # one prompt-learning child alone
     python benchmarks/bench.py --child shira_switch_merged peftkit_lora   # a SHiRA case's LoRA reference alone
     PYTHONPATH=/path/to/checkout/src python benchmarks/bench.py   # measure another peftkit tree
                                                                    # (its path and git commit are printed)
@@ -137,6 +139,23 @@ extension (untimed setup; it fails without CUDA and peft then forces the butterf
                       peftkit_lora only. Target ≤ 2.0 × peftkit LoRA. peft is left out: without its CUDA
                       extension (on CPU) it silently forces factor 1, so it would time a different adapter.
 
+Prompt-learning cases (groups prompt_tuning, p_tuning, prefix, adaption_prompt; "prompt" expands to all four):
+one table per method, peftkit's method against peft's (target ≤ 1.05 × peft, both rows) and the plain base
+(context). Configs, the same in both libraries (task_type="CAUSAL_LM", PEFT's defaults otherwise):
+PromptTuningConfig(num_virtual_tokens=20) (random init), PromptEncoderConfig(num_virtual_tokens=20,
+encoder_hidden_size=128) (MLP encoder), PrefixTuningConfig(num_virtual_tokens=20) (no projection),
+AdaptionPromptConfig(adapter_len=10, adapter_layers=2) (gates 0: the model starts as the base). Both libraries
+draw the same init from the same seed, so their outputs are compared exactly.
+  <m>_train_step      train_step with the method (same model and batch; the virtual tokens make the sequence
+                      longer); children peftkit, peft, base (the frozen base's forward + backward, as in
+                      train_step). Checked: peftkit's and peft's losses agree at init and after one AdamW step
+                      (Llama-Adapter: also the base's at init), equal trainable counts.
+  <m>_generate        model.eval(); generate(input_ids, attention_mask, max_new_tokens=32, min_new_tokens=32,
+                      do_sample=False, pad_token_id=0, use_cache=True) on 4 prompts x 16 tokens, one call per
+                      sample (1 warm-up call); peftkit / peft: PeftModel.generate, base: the plain model's
+                      generate. Checked: peftkit's 4 x 32 new tokens equal peft's exactly, every call of a child
+                      gives the same tokens (and Llama-Adapter's equal the base's).
+
 Noise on shared cores: when a co-tenant loads one of the two vCPUs, 2-thread GEMMs wait on
 the slow thread and steps run up to ~10x slower for seconds at a time. Interleaving keeps the
 ratios fair, but absolute times swing; the notes under the table give each sample range and
@@ -166,14 +185,27 @@ IA3_CASES = ("ia3_train_step", "ia3_train_memory")
 OFT_CASES = ("oft_train_step", "oft_train_memory")
 # boft2_train_step: peftkit's BOFT with butterfly factor 2 (peft's needs its CUDA extension for that, see BOFT_FACTOR2)
 BOFT_CASES = ("boft_train_step", "boft_train_memory", "boft2_train_step")
+# Prompt learning: a training step and 32-token greedy generation per method (group "prompt": all four)
+PROMPT_TUNING_CASES = ("prompt_tuning_train_step", "prompt_tuning_generate")
+P_TUNING_CASES = ("p_tuning_train_step", "p_tuning_generate")
+PREFIX_CASES = ("prefix_train_step", "prefix_generate")
+ADAPTION_PROMPT_CASES = ("adaption_prompt_train_step", "adaption_prompt_generate")
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix", "adaption_prompt")
+GENERATE_CASES = ("prompt_tuning_generate", "p_tuning_generate", "prefix_generate", "adaption_prompt_generate")
 # Method cases: peftkit's <method> against peft's <method> and other references, in a table of their own;
 # the group name on --cases ("shira", "lokr", "loha", "ia3", "oft", "boft") expands to all of a method's cases.
 METHOD_CASES = {"shira": SHIRA_CASES, "lokr": LOKR_CASES, "loha": LOHA_CASES, "ia3": IA3_CASES, "oft": OFT_CASES,
-                "boft": BOFT_CASES}
-METHOD_NAMES = {"shira": "SHiRA", "lokr": "LoKr", "loha": "LoHa", "ia3": "IA3", "oft": "OFT", "boft": "BOFT"}
+                "boft": BOFT_CASES, "prompt_tuning": PROMPT_TUNING_CASES, "p_tuning": P_TUNING_CASES,
+                "prefix": PREFIX_CASES, "adaption_prompt": ADAPTION_PROMPT_CASES}
+METHOD_NAMES = {"shira": "SHiRA", "lokr": "LoKr", "loha": "LoHa", "ia3": "IA3", "oft": "OFT", "boft": "BOFT",
+                "prompt_tuning": "prompt tuning", "p_tuning": "P-tuning", "prefix": "prefix tuning",
+                "adaption_prompt": "Llama-Adapter"}
+# Groups of method groups on --cases: "prompt" stands for the four prompt-learning methods.
+GROUP_ALIASES = {"prompt": PROMPT_METHODS}
 CASES = ("train_step", "get_peft_model", "merge_and_unload", "save_load", "train_memory",
          "dora_train_step", "dora_eval_forward", "mixed_batch", "switch_merged", "weighted_svd", *SHIRA_CASES,
-         *LOKR_CASES, *LOHA_CASES, *IA3_CASES, *OFT_CASES, *BOFT_CASES)
+         *LOKR_CASES, *LOHA_CASES, *IA3_CASES, *OFT_CASES, *BOFT_CASES, *PROMPT_TUNING_CASES, *P_TUNING_CASES,
+         *PREFIX_CASES, *ADAPTION_PROMPT_CASES)
 LIBS = ("peftkit", "peft")
 BASE = "base"
 # Reference children of the SHiRA cases: the same library running LoRA (r=16, alpha=32) instead.
@@ -204,6 +236,7 @@ METHOD_LIBS = {
     "boft_train_memory": ["peftkit", "peft"],
     # butterfly factor 2: peftkit only (peft's BOFT silently runs factor 1 without its CUDA extension)
     "boft2_train_step": ["peftkit", "peftkit_lora"],
+    **{c: ["peftkit", "peft", BASE] for m in PROMPT_METHODS for c in METHOD_CASES[m]},
 }
 # Names of the reference children in the method tables ("peftkit"/"peft": "<lib> <method>", see _label).
 LIB_LABELS = {"peftkit_lora": "peftkit LoRA", "peft_lora": "peft LoRA", BASE: "base"}
@@ -227,6 +260,11 @@ IA3_FEEDFORWARD = ["gate_proj", "up_proj", "down_proj"]
 OFT_BLOCK_SIZE = 32
 # BOFT: block size 8 (boft_block_num=0: follows from it), butterfly factor 1; boft2_train_step uses factor 2
 BOFT_BLOCK_SIZE, BOFT_FACTOR, BOFT_FACTOR2 = 8, 1, 2
+# Prompt learning: virtual tokens (prompt tuning, P-tuning, prefix), P-tuning's MLP width, Llama-Adapter's sizes
+PROMPT_VIRTUAL_TOKENS, PTUNING_ENCODER_HIDDEN = 20, 128
+ADAPTION_LEN, ADAPTION_LAYERS = 10, 2
+# *_generate: greedy generation of exactly GEN_NEW tokens from GEN_BATCH prompts of GEN_PROMPT tokens (KV cache on)
+GEN_BATCH, GEN_PROMPT, GEN_NEW = 4, 16, 32
 
 # Timed samples per child, warm-up samples per child, and rounds (fresh sets of children).
 DEFAULT_REPEATS = {
@@ -236,14 +274,16 @@ DEFAULT_REPEATS = {
              "shira_get_peft_model": 4, "shira_save_load": 12, "lokr_train_step": 8, "lokr_train_memory": 1,
              "loha_train_step": 8, "loha_train_memory": 1, "ia3_train_step": 8, "ia3_train_memory": 1,
              "oft_train_step": 8, "oft_train_memory": 1, "boft_train_step": 6, "boft_train_memory": 1,
-             "boft2_train_step": 8},
+             "boft2_train_step": 8,
+             **{c: 6 for m in PROMPT_METHODS for c in METHOD_CASES[m]}},
     "quick": {"train_step": 2, "get_peft_model": 2, "merge_and_unload": 3, "save_load": 3, "train_memory": 1,
               "dora_train_step": 3, "dora_eval_forward": 6, "mixed_batch": 8, "switch_merged": 3,
               "weighted_svd": 2, "shira_train_step": 2, "shira_train_memory": 1, "shira_switch_merged": 4,
               "shira_get_peft_model": 2, "shira_save_load": 3, "lokr_train_step": 2, "lokr_train_memory": 1,
               "loha_train_step": 2, "loha_train_memory": 1, "ia3_train_step": 2, "ia3_train_memory": 1,
               "oft_train_step": 2, "oft_train_memory": 1, "boft_train_step": 2, "boft_train_memory": 1,
-              "boft2_train_step": 2},
+              "boft2_train_step": 2,
+              **{c: 2 for m in PROMPT_METHODS for c in METHOD_CASES[m]}},
 }
 DEFAULT_TRAIN_WARMUP = {"full": 2, "quick": 1}
 OTHER_WARMUP = {"train_step": None, "get_peft_model": 1, "merge_and_unload": 1, "save_load": 1, "train_memory": 0,
@@ -252,7 +292,8 @@ OTHER_WARMUP = {"train_step": None, "get_peft_model": 1, "merge_and_unload": 1, 
                 "shira_get_peft_model": 1, "shira_save_load": 1, "lokr_train_step": None, "lokr_train_memory": 0,
                 "loha_train_step": None, "loha_train_memory": 0, "ia3_train_step": None, "ia3_train_memory": 0,
                 "oft_train_step": None, "oft_train_memory": 0, "boft_train_step": None, "boft_train_memory": 0,
-                "boft2_train_step": None}
+                "boft2_train_step": None,
+                **{f"{m}_train_step": None for m in PROMPT_METHODS}, **{c: 1 for c in GENERATE_CASES}}
 DEFAULT_ROUNDS = {"full": 2, "quick": 1}
 
 # Targets on the ratio peftkit / peft (None: reported without a target).
@@ -306,17 +347,19 @@ METHOD_TARGETS = {
     ("boft_train_step", "peftkit_lora"): ("<=", 2.0),
     ("boft_train_memory", "peft"): ("<=", 1.0),
     ("boft2_train_step", "peftkit_lora"): ("<=", 2.0),
+    **{(c, "peft"): ("<=", 1.05) for m in PROMPT_METHODS for c in METHOD_CASES[m]},
 }
 METHOD_TIME_METRICS = {"shira": SHIRA_TIME_METRICS, "lokr": ("lokr_train_step",), "loha": ("loha_train_step",),
                        "ia3": ("ia3_train_step",), "oft": ("oft_train_step",),
-                       "boft": ("boft_train_step", "boft2_train_step")}
+                       "boft": ("boft_train_step", "boft2_train_step"),
+                       **{m: METHOD_CASES[m] for m in PROMPT_METHODS}}
 # Derived rows: the cost above the base of a case with a base child, (lib - base) per repeat.
 ABOVE_BASE = {"dora_train_step": "dora_train_step_above_base", "dora_eval_forward": "dora_eval_forward_above_base",
               "mixed_batch": "mixed_batch_above_base"}
 
 
 def _method_of(case: str) -> str | None:
-    """The method of a method case ("shira", "lokr", "loha", "ia3", "oft", "boft"), else None."""
+    """The method of a method case ("shira", "lokr", ..., "prefix", "adaption_prompt"), else None."""
     return next((m for m, cs in METHOD_CASES.items() if case in cs), None)
 
 
@@ -403,7 +446,9 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     use_method = method is not None and L is not None and lib in LIBS
     use_shira = use_method and method == "shira"
     cfg_name = {"shira": "ShiraConfig", "lokr": "LoKrConfig", "loha": "LoHaConfig", "ia3": "IA3Config",
-                "oft": "OFTConfig", "boft": "BOFTConfig"}.get(method or "")
+                "oft": "OFTConfig", "boft": "BOFTConfig", "prompt_tuning": "PromptTuningConfig",
+                "p_tuning": "PromptEncoderConfig", "prefix": "PrefixTuningConfig",
+                "adaption_prompt": "AdaptionPromptConfig"}.get(method or "")
     if use_method and not hasattr(L, cfg_name):
         # e.g. a peftkit tree without that method yet: say so instead of a traceback deep in setup
         raise SystemExit(f"case {case}: {pkg} {getattr(L, '__version__', '?')} at {os.path.dirname(L.__file__)} "
@@ -474,6 +519,18 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
         return L.BOFTConfig(boft_block_size=BOFT_BLOCK_SIZE, boft_block_num=0, boft_n_butterfly_factor=factor,
                             target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
 
+    def prompt_config():
+        """The prompt-learning configs (the same for both libraries; init drawn from the seeded global RNG)."""
+        if method == "prompt_tuning":
+            return L.PromptTuningConfig(num_virtual_tokens=PROMPT_VIRTUAL_TOKENS, task_type="CAUSAL_LM")
+        if method == "p_tuning":
+            return L.PromptEncoderConfig(num_virtual_tokens=PROMPT_VIRTUAL_TOKENS,
+                                         encoder_hidden_size=PTUNING_ENCODER_HIDDEN, task_type="CAUSAL_LM")
+        if method == "prefix":
+            return L.PrefixTuningConfig(num_virtual_tokens=PROMPT_VIRTUAL_TOKENS, task_type="CAUSAL_LM")
+        # Llama-Adapter: gates start at 0, so the model starts as the base
+        return L.AdaptionPromptConfig(adapter_len=ADAPTION_LEN, adapter_layers=ADAPTION_LAYERS, task_type="CAUSAL_LM")
+
     def adapter_config(init: bool = True, seed: int = SHIRA_SEED):
         """This child's adapter in a method case: the method (peftkit, peft) or LoRA r=16 (references)."""
         if not use_method:
@@ -488,6 +545,8 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
             return oft_config()
         if method == "boft":
             return boft_config(BOFT_FACTOR2 if case == "boft2_train_step" else BOFT_FACTOR)
+        if method in PROMPT_METHODS:
+            return prompt_config()
         return shira_config(init, seed)
 
     def shira_layers(model):
@@ -554,7 +613,8 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     # Each case: setup here, then sample() -> {metric: seconds} (one repeat).
     cleanup = None
     if case in ("train_step", "dora_train_step", "shira_train_step", "lokr_train_step", "loha_train_step",
-                "ia3_train_step", "oft_train_step", "boft_train_step", "boft2_train_step"):
+                "ia3_train_step", "oft_train_step", "boft_train_step", "boft2_train_step",
+                *(f"{m}_train_step" for m in PROMPT_METHODS)):
         step = train_setup(dora=case == "dora_train_step")
         losses: list[float] = []
 
@@ -565,6 +625,32 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
                 info.setdefault("loss_first_step", losses[0])
                 info["losses_first_steps"] = list(losses)
             return {case: dt}
+
+    elif case in GENERATE_CASES:
+        # greedy generation with the KV cache (the bench config has use_cache=False, so it is passed here);
+        # peftkit / peft: PeftModel.generate, base: the plain model's generate
+        model = build(SMALL_LAYERS)
+        if lib != BASE:
+            model = L.get_peft_model(model, adapter_config())
+        model.eval()
+        ids = torch.randint(0, VOCAB, (GEN_BATCH, GEN_PROMPT), generator=torch.Generator().manual_seed(4321)).to(device)
+        mask = torch.ones_like(ids)
+
+        def gen():
+            with torch.no_grad():
+                return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=GEN_NEW,
+                                      min_new_tokens=GEN_NEW, do_sample=False, pad_token_id=0, use_cache=True)
+
+        def sample():
+            dt, out = timed(gen)
+            new = out[:, -GEN_NEW:].tolist()
+            if "gen_tokens" not in info:  # the first call's new tokens, compared across children in the notes
+                info["gen_tokens"] = new
+                info["gen_shape"] = list(out.shape)
+            info["gen_same_every_call"] = info.get("gen_same_every_call", True) and new == info["gen_tokens"]
+            return {case: dt}
+
+        info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     elif case == "dora_eval_forward":
         model = build(SMALL_LAYERS)
@@ -1194,17 +1280,27 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
                  "loha": "LoHa hada_w2_b = 0 at init",
                  "ia3": "IA3 vectors 1 at init",
                  "oft": "OFT skew-symmetric blocks 0 at init, rotations = identity",
-                 "boft": "BOFT rotations = identity, scale 1 and LoRA B = 0 at init"}[method]
+                 "boft": "BOFT rotations = identity, scale 1 and LoRA B = 0 at init",
+                 "prompt_tuning": "same seed, same random virtual tokens: peftkit and peft should agree; base "
+                                  "sees no virtual tokens",
+                 "p_tuning": "same seed, same prompt encoder: peftkit and peft should agree; base sees no "
+                             "virtual tokens",
+                 "prefix": "same seed, same prefix: peftkit and peft should agree; base has no prefix",
+                 "adaption_prompt": "Llama-Adapter gates 0 at init"}[method]
     # the train-step cases with loss and parameter checks (BOFT: also the peftkit-only factor-2 row)
     step_cases = [step_case] + (["boft2_train_step"] if method == "boft" else [])
     for sc in step_cases:
         losses = per_lib(sc, "loss_first_step", first_round=True)
         if losses:
-            out.append(f"- {sc} first-step loss ({init_note}: all should agree): "
+            should = "" if method in PROMPT_METHODS[:3] else ": all should agree"
+            out.append(f"- {sc} first-step loss ({init_note}{should}): "
                        + ", ".join(f"{lab(k)} {v:.5f}" for k, v in losses.items()))
-            spread = max(losses.values()) - min(losses.values())
-            out.append(f"- {sc} first-step losses agree: {spread < 1e-4} (spread {spread:.1e})")
-    if method in ("ia3", "oft", "boft"):  # deterministic init, so the loss after one AdamW step agrees too
+            # prompt tuning, P-tuning, prefix: the virtual tokens change the loss, so only peftkit vs peft
+            vals = [v for k, v in losses.items() if k in LIBS or method not in PROMPT_METHODS[:3]]
+            spread = max(vals) - min(vals)
+            who = "peftkit and peft" if method in PROMPT_METHODS[:3] else "all"
+            out.append(f"- {sc} first-step losses agree ({who}): {spread < 1e-4} (spread {spread:.1e})")
+    if method in ("ia3", "oft", "boft", *PROMPT_METHODS):  # deterministic init, so the loss after one AdamW step agrees too
         second = {k: v[1] for k, v in per_lib(step_case, "losses_first_steps", first_round=True).items()
                   if len(v) > 1 and k in LIBS}
         if len(second) == 2:
@@ -1215,7 +1311,11 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
     what = {"shira": "SHiRA r=16 and LoRA r=16: r·(m+n) per layer", "lokr": f"LoKr r={RANK}", "loha": f"LoHa r={RANK}",
             "ia3": "IA3: one vector per layer",
             "oft": f"OFT block size {OFT_BLOCK_SIZE}: b(b-1)/2 per block",
-            "boft": f"BOFT block size {BOFT_BLOCK_SIZE}, factor {BOFT_FACTOR}, plus the output scale"}[method]
+            "boft": f"BOFT block size {BOFT_BLOCK_SIZE}, factor {BOFT_FACTOR}, plus the output scale",
+            "prompt_tuning": f"{PROMPT_VIRTUAL_TOKENS} virtual tokens x hidden",
+            "p_tuning": f"{PROMPT_VIRTUAL_TOKENS} virtual tokens + MLP encoder, width {PTUNING_ENCODER_HIDDEN}",
+            "prefix": f"{PROMPT_VIRTUAL_TOKENS} virtual tokens x 2 x layers x hidden",
+            "adaption_prompt": f"adapter_len {ADAPTION_LEN} x hidden + 1 gate, {ADAPTION_LAYERS} layers"}[method]
     for sc in step_cases:
         params = per_lib(sc, "trainable_params", first_round=True)
         if params:
@@ -1245,6 +1345,26 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
                     floor = f"; floor of peftkit/peft (base/peft, paired) {1 / r:.3f}"
         out.append(f"- {step_case} cost above the frozen base (median per-repeat lib/base - 1): "
                    + ", ".join(parts) + floor)
+    gen_case = f"{method}_generate"
+    toks = {c["lib"]: c["info"]["gen_tokens"] for c in sh if c["case"] == gen_case and "gen_tokens" in c["info"]}
+    if toks:
+        same_calls = all(c["info"].get("gen_same_every_call", False) for c in sh if c["case"] == gen_case)
+        shape = next(c["info"]["gen_shape"] for c in sh if c["case"] == gen_case and "gen_shape" in c["info"])
+        per_round = {}
+        for c in sh:
+            if c["case"] == gen_case and "gen_tokens" in c["info"]:
+                per_round.setdefault(c["lib"], []).append(c["info"]["gen_tokens"])
+        stable = all(all(t == ts[0] for t in ts) for ts in per_round.values())
+        line = (f"- {gen_case}: greedy, {GEN_BATCH} prompts x {GEN_PROMPT} tokens, {GEN_NEW} new tokens (output "
+                f"shape {shape}); every call of a child gave the same tokens: {same_calls and stable}")
+        if all(k in toks for k in LIBS):
+            eq = toks["peftkit"] == toks["peft"]
+            diff = sum(a != b for ra, rb in zip(toks["peftkit"], toks["peft"]) for a, b in zip(ra, rb))
+            line += f"; peftkit tokens == peft tokens: {eq}" + ("" if eq else f" ({diff} of {GEN_BATCH * GEN_NEW} differ)")
+        if BASE in toks and "peftkit" in toks:
+            line += f"; == base's: {toks['peftkit'] == toks[BASE]}" + (
+                " (gates 0 at init: expected)" if method == "adaption_prompt" else " (virtual tokens act: expected False)")
+        out.append(line)
     mem = [c for c in sh if c["case"] == mem_case]
     if mem:
         parts = []
@@ -1374,7 +1494,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated subset of {','.join(CASES)} (groups \"shira\", \"lokr\", \"loha\", \"ia3\", "
-                         "\"oft\", \"boft\": all of that method's cases)")
+                         "\"oft\", \"boft\", \"prompt_tuning\", \"p_tuning\", \"prefix\", \"adaption_prompt\": all of "
+                         "that method's cases; \"prompt\": the four prompt-learning groups)")
     ap.add_argument("--repeats", type=int, default=None, help="timed samples per child (default: per case)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per child for train_step")
     ap.add_argument("--rounds", type=int, default=None, help="fresh sets of children per case (default 2, quick 1)")
@@ -1400,10 +1521,12 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     # a method's name ("shira", "lokr", "loha", "ia3", "oft", "boft") stands for all of its cases
-    cases = list(dict.fromkeys(x for c in cases for x in METHOD_CASES.get(c, (c,))))
+    cases = list(dict.fromkeys(x for c in cases for g in GROUP_ALIASES.get(c, (c,))
+                               for x in METHOD_CASES.get(g, (g,))))
     bad = [c for c in cases if c not in CASES]
     if bad:
-        ap.error(f"unknown case(s) {bad}; choose from {', '.join(CASES)} or the groups {', '.join(METHOD_CASES)}")
+        ap.error(f"unknown case(s) {bad}; choose from {', '.join(CASES)} or the groups "
+                 f"{', '.join([*METHOD_CASES, *GROUP_ALIASES])}")
     rounds = args.rounds or DEFAULT_ROUNDS[mode]
     if args.device == "cuda":
         import torch
@@ -1470,7 +1593,15 @@ def main(argv: list[str] | None = None) -> int:
                     "peft's OFT and the frozen base",
              "boft": f"peftkit's BOFT (block size {BOFT_BLOCK_SIZE}, butterfly factor {BOFT_FACTOR}, all linear layers) "
                      "against peft's BOFT, peftkit's LoRA r=16 and the frozen base; row boft2_train_step: butterfly "
-                     f"factor {BOFT_FACTOR2}, peftkit only"}
+                     f"factor {BOFT_FACTOR2}, peftkit only",
+             "prompt_tuning": f"peftkit's prompt tuning ({PROMPT_VIRTUAL_TOKENS} virtual tokens) against peft's and "
+                              "the plain base",
+             "p_tuning": f"peftkit's P-tuning ({PROMPT_VIRTUAL_TOKENS} virtual tokens, MLP encoder width "
+                         f"{PTUNING_ENCODER_HIDDEN}) against peft's and the plain base",
+             "prefix": f"peftkit's prefix tuning ({PROMPT_VIRTUAL_TOKENS} virtual tokens, no projection) against "
+                       "peft's and the plain base",
+             "adaption_prompt": f"peftkit's Llama-Adapter (adapter_len {ADAPTION_LEN}, top {ADAPTION_LAYERS} "
+                                "layers) against peft's and the plain base"}
     for m, mrows in method_rows.items():
         print(f"\n{METHOD_NAMES[m]}: {intro[m]}; ratios as above, paired per repeat\n")
         print(markdown_method(mrows, args.device, m))
