@@ -21,18 +21,14 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-
 from peftkit import get_peft_model  # noqa: E402
 from peftkit.cli.demo import (  # noqa: E402
     DEFAULT_LR,
     load_base,
-    load_sms_spam,
     make_config,
-    model_path,
     predict,
     scores,
-    split,
+    setup,
     train_steps,
 )
 
@@ -75,19 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from transformers import AutoTokenizer
-
-    path = model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    train, test = split(load_sms_spam(), 0.2, args.seed)
-    if args.eval_limit:
-        test = test[: args.eval_limit]
-    print(f"SMS Spam Collection: {len(train)} training / {len(test)} held-out messages "
-          f"({sum(r[1] for r in test)} spam); {args.steps} steps, batch {args.batch_size}, seed {args.seed}, "
-          f"{torch.get_num_threads()} threads")
+    path, tok, train, test = setup(args)
+    print(f"{args.steps} steps, batch {args.batch_size}, seed {args.seed}")
 
     results = [run_one(n, path, tok, train, test, args) for n in names]
 

@@ -140,10 +140,9 @@ def train_steps(model, tok, train: list, steps: int, batch_size: int, lr: float,
     return time.perf_counter() - start
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def setup(args: argparse.Namespace) -> tuple[str, object, list, list]:
+    """(model path, tokenizer, training rows, held-out rows) for ``--seed``, ``--threads``, ``--eval-limit``."""
     from transformers import AutoTokenizer
-
-    from .. import PeftModel, get_peft_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
@@ -154,7 +153,14 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.eval_limit:
         test = test[: args.eval_limit]
     print(f"SMS Spam Collection: {len(train)} training / {len(test)} held-out messages "
-          f"({sum(r[1] for r in test)} spam held out)")
+          f"({sum(r[1] for r in test)} spam held out); {torch.get_num_threads()} threads")
+    return path, tok, train, test
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .. import PeftModel, get_peft_model
+
+    path, tok, train, test = setup(args)
 
     model = get_peft_model(load_base(path, args.seed), make_config(args.method))
     model.print_trainable_parameters()
