@@ -190,7 +190,8 @@ class PromptModel(AdapterModel):
             return self.prompt_encoder[adapter_name]().detach().clone().cpu()
 
     def prefix_cache(self, adapter: str, batch_size: int) -> Any:
-        """A ``DynamicCache`` holding one adapter's key/value prefixes for every layer."""
+        """The cache holding one adapter's key/value prefixes for every layer (a ``DynamicCache``; for an
+        encoder-decoder model an ``EncoderDecoderCache`` whose decoder self-attention part holds them)."""
         from transformers import DynamicCache
 
         config = self.peft_config[adapter]
@@ -300,10 +301,9 @@ class PromptModel(AdapterModel):
         adapter = self._prompting()
         if adapter is None:
             return self.model.generate(*args, **kwargs)
-        model = self.model
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        if self._encoder_decoder:
             return self._generate_encoder_decoder(adapter, args, kwargs)
-        original = model.prepare_inputs_for_generation
+        original = self.model.prepare_inputs_for_generation
         n = self.peft_config[adapter].num_virtual_tokens
         prefix = self._is_prefix(adapter)
 
