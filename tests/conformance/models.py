@@ -162,8 +162,8 @@ METHODS = [
     MethodCase("loha_flat", _loha_flat, kinds=("linear", "conv1d", "conv2d")),
     MethodCase("ia3", _ia3, kinds=("linear", "conv1d", "conv2d")),  # no nn.Embedding (as PEFT)
     MethodCase("ia3_ff", _ia3_ff, kinds=("linear", "conv1d", "conv2d")),
-    MethodCase("oft", _oft, kinds=("linear", "conv1d", "conv2d")),  # peftkit's OFT has no Embedding layer
-    MethodCase("oft_exact_shared", _oft_exact, kinds=("linear", "conv1d", "conv2d")),
+    MethodCase("oft", _oft),  # an embedding's output is rotated (PEFT's oft_embedding_R)
+    MethodCase("oft_exact_shared", _oft_exact),
     MethodCase("boft", _boft, kinds=("linear", "conv1d", "conv2d")),  # no Embedding (as PEFT)
     MethodCase("boft_butterfly", _boft_butterfly, kinds=("linear", "conv1d", "conv2d")),
 ]

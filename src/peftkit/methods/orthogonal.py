@@ -65,8 +65,10 @@ class OrthogonalLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, ops: Any = None) -> None:
         super().__init__(base_layer, ops)
-        # the rotated axis: in_features, or in_channels/groups · prod(kernel) for a convolution
-        self.fan_in = self.ops.weight2d(base_layer).shape[1]
+        # the rotated axis: in_features, in_channels/groups · prod(kernel) for a convolution, or the
+        # embedding dimension for an embedding (whose *output* is rotated: out = emb(x) M)
+        embedding = self.ops.kind == "embedding"
+        self.fan_in = self.ops.out_features if embedding else self.ops.weight2d(base_layer).shape[1]
         # adapter -> (parameter versions, rotation): reused while nothing trains (generation, eval)
         self._rotations: dict[str, tuple[tuple, tuple]] = {}
 
@@ -129,6 +131,15 @@ class OrthogonalLayer(AdapterLayer):
         return w
 
     def merge_into(self, adapter: str, w2d: torch.Tensor, sign: float) -> None:
+        if self.ops.kind == "embedding":  # the table's rows are the outputs: E ← E M, or E M⁻¹ to unmerge
+            table = w2d.t()  # (num_embeddings, dim), a view of the weight
+            blocks, perms, orthogonal = self._rotation(adapter)
+            t = table.to(blocks.dtype)
+            if sign > 0:
+                table.copy_(butterfly(t, blocks, perms))
+            else:
+                table.copy_(butterfly(t, inverse_transpose(blocks, orthogonal), perms, transpose=True))
+            return
         if sign > 0:
             w2d.copy_(self._rotate_weight(w2d, [adapter]))
             return
@@ -140,9 +151,11 @@ class OrthogonalLayer(AdapterLayer):
         w2d.copy_(butterfly(w, inverse_transpose(blocks, orthogonal), perms))
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
-        w = self._weight2d().detach()
         with torch.no_grad():
-            return self._rotate_weight(w, [adapter]) - w.to(self.adapter_dtype())
+            w = self._weight2d().detach().to(self.adapter_dtype())
+            merged = w.clone()
+            self.merge_into(adapter, merged, 1.0)
+            return merged - w
 
     # ------------------------------------------------------------------ forward
     def _present(self, adapters: Sequence[str]) -> list[str]:
@@ -155,6 +168,14 @@ class OrthogonalLayer(AdapterLayer):
             blocks, perms, _ = self._rotation(adapter)
             h = butterfly(h.to(blocks.dtype), blocks, perms)
         return h.to(x.dtype)
+
+    def _rotate_output(self, out: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
+        """An embedding's output rotated by these adapters, first to last (what merging them writes)."""
+        h = out
+        for adapter in adapters:
+            blocks, perms, _ = self._rotation(adapter)
+            h = butterfly(h.to(blocks.dtype), blocks, perms)
+        return h.to(out.dtype)
 
     def _scale_of(self, adapters: Sequence[str]) -> torch.Tensor | None:
         scale = None
@@ -186,6 +207,8 @@ class OrthogonalLayer(AdapterLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.ops.kind == "conv":
             return self._conv(x, adapters)
+        if self.ops.kind == "embedding":
+            return self._rotate_output(self.base_layer(x, *args, **kwargs), adapters)
         return self._linear(self._rotate_input(x, adapters), self._scale_of(adapters), args, kwargs)
 
     def mixed_forward(self, x: torch.Tensor, names: Sequence[str], args: tuple, kwargs: dict) -> torch.Tensor:
@@ -200,6 +223,12 @@ class OrthogonalLayer(AdapterLayer):
                 y = self._conv(sub, [name]) if name in present else self.base_layer(sub, *args, **kwargs)
                 out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
                 out.index_copy_(0, idx, y)
+            return out
+        if self.ops.kind == "embedding":
+            out = self.base_layer(x, *args, **kwargs)
+            for name in present:
+                idx = torch.tensor(groups[name], device=x.device)
+                out = out.index_copy(0, idx, self._rotate_output(out.index_select(0, idx), [name]))
             return out
         h, scale = x, None
         for name in present:

@@ -8,6 +8,7 @@ writes ``W Rᵀ``. Dense references here build ``R`` with ``torch.block_diag``.
 from __future__ import annotations
 
 import copy
+import warnings
 import math
 
 import pytest
@@ -250,20 +251,20 @@ def test_config_errors(kw, match):
 
 
 def test_failed_injection_leaves_model_unchanged():
-    class WithEmb(nn.Module):
+    class WithNorm(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(8, 8)
-            self.emb = nn.Embedding(10, 8)
+            self.norm = nn.LayerNorm(8)
 
         def forward(self, x):
-            return self.lin(x)
+            return self.norm(self.lin(x))
 
     torch.manual_seed(0)
-    model = WithEmb()
+    model = WithNorm()
     reference = copy.deepcopy(model)
-    with pytest.raises(TypeError, match="emb"):
-        peftkit.get_peft_model(model, peftkit.OFTConfig(oft_block_size=4, target_modules=["lin", "emb"]))
+    with pytest.raises(TypeError, match="norm"):
+        peftkit.get_peft_model(model, peftkit.OFTConfig(oft_block_size=4, target_modules=["lin", "norm"]))
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
     assert model.state_dict().keys() == reference.state_dict().keys()
 
@@ -311,3 +312,48 @@ def test_training_changes_only_oft_params_and_lowers_loss():
     assert losses[-1] < losses[0]
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != (n in trainable), n
+
+
+# ------------------------------------------------------------------ embeddings (PEFT's oft_embedding_R)
+@pytest.mark.parametrize("kw", [dict(oft_block_size=8, r=0), dict(oft_block_size=8, r=0, use_cayley_neumann=False),
+                                dict(oft_block_size=16, r=0, block_share=True)], ids=["neumann", "exact", "shared"])
+def test_embedding_rotates_its_output_like_peft_both_ways(kw, tmp_path):
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=100)
+        return LlamaForCausalLM(cfg).eval()
+
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+    models = {}
+    for name, lib in (("peft", peft), ("peftkit", peftkit)):
+        torch.manual_seed(1)
+        cfg = lib.OFTConfig(target_modules=["embed_tokens", "q_proj"], init_weights=False, **kw)
+        models[name] = lib.get_peft_model(llama(), cfg).eval()
+    a, b = models["peft"], models["peftkit"]
+    layer = b.base_model.model.model.embed_tokens
+    assert list(layer.oft_embedding_R) == ["default"] and not len(layer.oft_R)
+    with torch.no_grad():  # the same seed draws the same tensors; copy anyway so the check is about the math
+        pa = dict(a.named_parameters())
+        for n, p in b.named_parameters():
+            if "oft_" in n:
+                p.copy_(pa[n])
+        ya, yb = a(input_ids=ids).logits, b(input_ids=ids).logits
+        assert torch.allclose(ya, yb, atol=1e-6)
+        assert not torch.allclose(yb, llama()(input_ids=ids).logits)
+        b.merge_adapter()
+        assert torch.allclose(b(input_ids=ids).logits, yb, atol=1e-5)
+        b.unmerge_adapter()
+        assert torch.allclose(layer.base_layer.weight, llama().model.embed_tokens.weight, atol=1e-5)
+    b.save_pretrained(tmp_path / "kit")
+    a.save_pretrained(tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a2 = peft.PeftModel.from_pretrained(llama(), str(tmp_path / "kit")).eval()
+        b2 = peftkit.PeftModel.from_pretrained(llama(), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        assert torch.allclose(a2(input_ids=ids).logits, yb, atol=1e-6)
+        assert torch.allclose(b2(input_ids=ids).logits, ya, atol=1e-6)

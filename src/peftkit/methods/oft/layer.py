@@ -43,13 +43,15 @@ class OFTLayer(OrthogonalLayer):
     """OFT on an nn.Linear, transformers Conv1D or nn.Conv1d/2d/3d base layer."""
 
     prefix = "oft_"
-    adapter_attrs = ("oft_R",)
+    adapter_attrs = ("oft_R", "oft_embedding_R")  # PEFT's names: the second for nn.Embedding
+    supported_kinds = ("linear", "conv", "embedding")
     other_attrs = ("r", "oft_block_size", "block_share", "coft", "eps", "neumann_terms", "module_dropout")
     method_name = "OFT"
 
     def __init__(self, base_layer: nn.Module, ops: Any = None) -> None:
         super().__init__(base_layer, ops)
         self.oft_R = nn.ModuleDict()
+        self.oft_embedding_R = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.oft_block_size: dict[str, int] = {}
         self.block_share: dict[str, bool] = {}
@@ -79,7 +81,8 @@ class OFTLayer(OrthogonalLayer):
             weight = torch.zeros(shape, device=device, dtype=dtype)
         else:
             weight = (torch.randn(shape) * 0.1).to(device=device, dtype=dtype)
-        self.oft_R[adapter] = OFTRotation(weight)
+        container = self.oft_embedding_R if self.ops.kind == "embedding" else self.oft_R
+        container[adapter] = OFTRotation(weight)
         self.r[adapter] = r
         self.oft_block_size[adapter] = bs
         self.block_share[adapter] = bool(config.block_share)
@@ -88,9 +91,12 @@ class OFTLayer(OrthogonalLayer):
         self.neumann_terms[adapter] = config.num_cayley_neumann_terms if config.use_cayley_neumann else None
         self.module_dropout[adapter] = float(config.module_dropout)
 
+    def _rot(self, adapter: str) -> OFTRotation:
+        return (self.oft_embedding_R if self.ops.kind == "embedding" else self.oft_R)[adapter]
+
     def _project(self, adapter: str) -> None:
         """COFT: pull each block's skew matrix back to Frobenius norm ``eps / sqrt(blocks)``."""
-        w = self.oft_R[adapter].weight
+        w = self._rot(adapter).weight
         radius = self.eps[adapter] / math.sqrt(w.shape[0])
         with torch.no_grad():
             norm = w.norm(dim=1, keepdim=True) * math.sqrt(2.0)  # a packed entry appears twice in Q
@@ -99,7 +105,7 @@ class OFTLayer(OrthogonalLayer):
     def rotation_source(self, adapter: str) -> tuple[tuple, torch.Tensor]:
         if self.coft[adapter]:
             self._project(adapter)
-        return ("packed", self.oft_block_size[adapter], self.neumann_terms[adapter]), self.oft_R[adapter].weight
+        return ("packed", self.oft_block_size[adapter], self.neumann_terms[adapter]), self._rot(adapter).weight
 
     def finish_rotation(self, adapter: str, blocks: torch.Tensor) -> tuple[torch.Tensor, list, bool]:
         blocks = blocks.unsqueeze(0)  # (1, r or 1, bs, bs): one factor, no permutation
