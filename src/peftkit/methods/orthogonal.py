@@ -27,6 +27,11 @@ from ..kernels.orthogonal import butterfly, cayley, inverse_transpose, skew_from
 _BATCH = "orthogonal_rotations"  # forward-memo key of the batched rotation table
 
 
+def _versions(params: Sequence[nn.Parameter]) -> tuple:
+    """What changes when a parameter's values may have changed (in place, replaced or moved)."""
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+
+
 def _cayley_blocks(recipe: tuple, source: torch.Tensor) -> torch.Tensor:
     """(n, bs, bs) Cayley blocks from a ``rotation_source``."""
     kind, bs, terms = recipe
@@ -106,12 +111,11 @@ class OrthogonalLayer(AdapterLayer):
                 memo[_BATCH] = _batched_rotations(memo["owner"])
             hit = memo[_BATCH].get((id(self), adapter))
             return hit if hit is not None else self.rotation(adapter)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         hit = self._rotations.get(adapter)
-        if hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == _versions(params):
             return hit[1]
         value = self.rotation(adapter)
-        self._rotations[adapter] = (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params), value)
+        self._rotations[adapter] = (_versions(params), value)  # after: COFT's projection bumps the versions
         return value
 
     def delete_adapter(self, adapter: str) -> None:
@@ -162,20 +166,17 @@ class OrthogonalLayer(AdapterLayer):
         held = set(self.adapters)
         return [a for a in adapters if a in held]
 
-    def _rotate_input(self, x: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
+        """Row vectors ``x`` times each adapter's ``M``, in the order given."""
         h = x
-        for adapter in reversed(adapters):  # x M_n ⋯ M_1: the last adapter rotates first
+        for adapter in adapters:
             blocks, perms, _ = self._rotation(adapter)
             h = butterfly(h.to(blocks.dtype), blocks, perms)
         return h.to(x.dtype)
 
-    def _rotate_output(self, out: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
-        """An embedding's output rotated by these adapters, first to last (what merging them writes)."""
-        h = out
-        for adapter in adapters:
-            blocks, perms, _ = self._rotation(adapter)
-            h = butterfly(h.to(blocks.dtype), blocks, perms)
-        return h.to(out.dtype)
+    def _rotate_input(self, x: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
+        """An input rotated as merging writes it: ``x M_n ⋯ M_1`` (the last adapter rotates first)."""
+        return self._rotate(x, adapters[::-1])
 
     def _scale_of(self, adapters: Sequence[str]) -> torch.Tensor | None:
         scale = None
@@ -208,7 +209,7 @@ class OrthogonalLayer(AdapterLayer):
         if self.ops.kind == "conv":
             return self._conv(x, adapters)
         if self.ops.kind == "embedding":
-            return self._rotate_output(self.base_layer(x, *args, **kwargs), adapters)
+            return self._rotate(self.base_layer(x, *args, **kwargs), adapters)
         return self._linear(self._rotate_input(x, adapters), self._scale_of(adapters), args, kwargs)
 
     def mixed_forward(self, x: torch.Tensor, names: Sequence[str], args: tuple, kwargs: dict) -> torch.Tensor:
@@ -228,7 +229,7 @@ class OrthogonalLayer(AdapterLayer):
             out = self.base_layer(x, *args, **kwargs)
             for name in present:
                 idx = torch.tensor(groups[name], device=x.device)
-                out = out.index_copy(0, idx, self._rotate_output(out.index_select(0, idx), [name]))
+                out = out.index_copy(0, idx, self._rotate(out.index_select(0, idx), [name]))
             return out
         h, scale = x, None
         for name in present:
@@ -241,7 +242,3 @@ class OrthogonalLayer(AdapterLayer):
                     scale = torch.ones(x.shape[0], self.out_features, device=s.device, dtype=s.dtype)
                 scale = scale.index_copy(0, idx, s.unsqueeze(0).expand(len(idx), -1))
         return self._linear(h, scale, args, kwargs)
-
-    def adapt(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The engine's contract: the layer's output with this one adapter (``out`` is recomputed)."""
-        return self.forward_active(x, [adapter], (), {})

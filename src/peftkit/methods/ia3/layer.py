@@ -129,12 +129,6 @@ class IA3Layer(AdapterLayer):
         idx = torch.tensor([rows.get(n, 0) for n in names], device=table.device)
         return table.index_select(0, idx)  # (B, C)
 
-    def adapt(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The engine's contract, for callers that have ``out = base(x)`` already (not used by forward)."""
-        if self.feedforward[adapter]:
-            return out + self._run(x, self._vector(adapter), None, (), {}) - self.base_layer(x)
-        return (out * self._channel_view(self._vector(adapter), out)).to(out.dtype)
-
     # ------------------------------------------------------------------ merge
     def _weight_scale(self, adapter: str) -> torch.Tensor:
         """The factor that multiplies the canonical (out, fan_in) weight, broadcastable to it."""
