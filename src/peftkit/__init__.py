@@ -28,6 +28,7 @@ from .methods.lora import LoraConfig, LoraLayer
 from .methods.shira import ShiraConfig, ShiraLayer
 from .methods.oft import OFTConfig, OFTLayer
 from .methods.boft import BOFTConfig, BOFTLayer
+from .methods.xlora import XLoraConfig, XLoraModel
 from .prompt import (
     AdaptionPromptConfig,
     PrefixTuningConfig,
@@ -105,4 +106,6 @@ __all__ = [
     "IA3Config",
     "IA3Layer",
     "IA3Model",
+    "XLoraConfig",
+    "XLoraModel",
 ]

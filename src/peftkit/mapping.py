@@ -66,7 +66,7 @@ def inject_adapter_in_model(
 
 
 def _tuner(model: nn.Module) -> AdapterModel:
-    tuner = getattr(model, "base_model", model)
+    tuner = model if isinstance(model, AdapterModel) else getattr(model, "base_model", model)
     if not isinstance(tuner, AdapterModel):
         raise TypeError(f"Expected a PeftModel or AdapterModel, got {type(model).__name__}.")
     return tuner

@@ -7,6 +7,7 @@ Nothing here branches on the adapter method. Model-level verbs (``merge_and_unlo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -48,11 +49,7 @@ class PeftModel(nn.Module):
     ) -> None:
         super().__init__()
         self._add_task_modules(peft_config)
-        engine = AdapterModel
-        if peft_config.is_prompt_learning:
-            from .prompt.engine import PromptModel
-
-            engine = PromptModel
+        engine = _engine_class(peft_config)
         self.base_model = engine(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         self.training = model.training
         self.special_peft_forward_args = {"adapter_names"}
@@ -187,6 +184,7 @@ class PeftModel(nn.Module):
             os.makedirs(folder, exist_ok=True)
             save_state_dict(state, folder, safe_serialization=safe_serialization)
             config.save_pretrained(folder)
+            self.base_model.save_companions(folder, name, safe_serialization=safe_serialization)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -216,6 +214,7 @@ class PeftModel(nn.Module):
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
         config.inference_mode = not is_trainable
+        config = _engine_class(config).loading_config(config, model_id, **kwargs)
         state = _load_adapter_file(model_id, subfolder, hub)
         target_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, cls) if cls is PeftModel else cls
         peft_model = target_cls(model, config, adapter_name, low_cpu_mem_usage=True)
@@ -258,6 +257,8 @@ class PeftModel(nn.Module):
                     f"The adapter file has no values for {len(result.missing_keys)} adapter tensors "
                     f"(e.g. {result.missing_keys[:3]}); they keep their initial values."
                 )
+            tensors = itertools.chain(self.base_model.parameters(), self.base_model.buffers())
+            if result.missing_keys and any(t.device.type == "meta" for t in tensors):
                 self.base_model.delete_adapter(adapter_name)
                 self.base_model.inject_adapter(adapter_name, config)
                 if fresh:
@@ -273,6 +274,12 @@ class PeftModel(nn.Module):
         if result.unexpected_keys:
             warnings.warn(f"Keys in the adapter file that fit nothing in the model: {result.unexpected_keys[:5]}")
         return result
+
+
+def _engine_class(config: PeftConfig) -> type[AdapterModel]:
+    from .registry import get_method
+
+    return get_method(config.peft_type).engine or AdapterModel
 
 
 def _convert_initial(config: PeftConfig, state: dict[str, torch.Tensor], path: str | os.PathLike) -> tuple:

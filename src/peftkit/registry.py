@@ -38,6 +38,8 @@ class MethodSpec:
             plain table, for inference) or "load" (a table on the meta device, filled from a file).
         select: ``(config, [(name, module), ...]) -> [(name, module), ...]``: the modules to adapt,
             for methods whose targets are not chosen by ``target_modules`` matching alone.
+        engine: the model-level engine class ``PeftModel`` builds for the method (default:
+            ``AdapterModel``; prompt learning and X-LoRA have their own).
     """
 
     peft_type: PeftType
@@ -51,6 +53,7 @@ class MethodSpec:
     prepare: Callable[[Any, str | None], None] | None = None
     prompt: Callable[..., Any] | None = None
     select: Callable[[Any, list], list] | None = None
+    engine: type | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

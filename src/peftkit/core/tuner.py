@@ -171,6 +171,22 @@ class AdapterModel(nn.Module):
             spec.prepare(config, getattr(getattr(self.model, "config", None), "model_type", None))
         return config
 
+    def layer_class(self, spec: MethodSpec) -> type[AdapterLayer]:
+        """The adapter-layer class this engine builds for a method (an engine may specialise it)."""
+        return spec.layer
+
+    def own_slots(self, adapter_name: str) -> dict[str, Any]:
+        """Checkpoint key -> ``io.keys.Slot`` for tensors the engine itself holds (none here)."""
+        return {}
+
+    def save_companions(self, folder: str, adapter_name: str, safe_serialization: bool = True) -> None:
+        """Write files an adapter needs besides its own config and tensors (none here)."""
+
+    @classmethod
+    def loading_config(cls, config: PeftConfig, model_id: Any, **kwargs: Any) -> PeftConfig:
+        """Adjust a config read from ``model_id`` before the engine is built to load it (unchanged here)."""
+        return config
+
     def inject_adapter(
         self, adapter_name: str, config: PeftConfig, low_cpu_mem_usage: bool = False
     ) -> None:
@@ -185,6 +201,7 @@ class AdapterModel(nn.Module):
                     "is not supported."
                 )
         config = self.prepare_config(config, spec)
+        layer_cls = self.layer_class(spec)
         modules = list(top_level_modules(self.model))
         if spec.select is not None:  # the method picks its own modules (Llama-Adapter: the top attention layers)
             targets = spec.select(config, modules)
@@ -194,12 +211,12 @@ class AdapterModel(nn.Module):
             raise no_match_error(config, modules, self.model)
         for key, module in targets:
             if isinstance(module, AdapterLayer):
-                if not isinstance(module, spec.layer):
-                    raise TypeError(f"{key} already holds a {type(module).__name__}; cannot add {spec.layer.__name__}.")
-            elif not spec.layer.can_wrap(module):
+                if not isinstance(module, layer_cls):
+                    raise TypeError(f"{key} already holds a {type(module).__name__}; cannot add {layer_cls.__name__}.")
+            elif not layer_cls.can_wrap(module):
                 raise TypeError(
                     f"Target module {key} is a {type(module).__name__}; {config.peft_type} adapts "
-                    f"{_kinds_text(spec.layer.supported_kinds)}. Narrow target_modules."
+                    f"{_kinds_text(layer_cls.supported_kinds)}. Narrow target_modules."
                 )
         self._sync_fan_in_fan_out(config, [m for _, m in targets])
 
@@ -214,7 +231,7 @@ class AdapterModel(nn.Module):
                     done.append((key, module))
                     module.add_adapter(adapter_name, config, device=device, **kwargs)
                     continue
-                layer = spec.layer(module)
+                layer = layer_cls(module)
                 layer.active_adapters = [a for a in active]
                 layer.add_adapter(adapter_name, config, device=device, **kwargs)
                 layer.train(module.training)

@@ -89,7 +89,7 @@ class PromptSlot(Slot):
 
 def adapter_key_map(tuner: AdapterModel, adapter: str) -> dict[str, Slot]:
     """Checkpoint key -> ``Slot`` for every tensor of one adapter."""
-    out: dict[str, Slot] = {}
+    out: dict[str, Slot] = dict(tuner.own_slots(adapter))
     file_prefix = PREFIX
     if hasattr(tuner, "prompt_encoder"):  # prompt learning: PEFT's file has no ".model" level
         file_prefix = "base_model."

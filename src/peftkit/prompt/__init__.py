@@ -47,9 +47,12 @@ def _prefix_tuning(config: PrefixTuningConfig, emb: nn.Module, total: int, mode:
     return PrefixEncoder(config)
 
 
-register_method(MethodSpec(peft_type=PeftType.PREFIX_TUNING, config=PrefixTuningConfig, prompt=_prefix_tuning))
-register_method(MethodSpec(peft_type=PeftType.PROMPT_TUNING, config=PromptTuningConfig, prompt=_prompt_tuning))
-register_method(MethodSpec(peft_type=PeftType.P_TUNING, config=PromptEncoderConfig, prompt=_p_tuning))
+register_method(MethodSpec(peft_type=PeftType.PREFIX_TUNING, config=PrefixTuningConfig, prompt=_prefix_tuning,
+                              engine=PromptModel))
+register_method(MethodSpec(peft_type=PeftType.PROMPT_TUNING, config=PromptTuningConfig, prompt=_prompt_tuning,
+                              engine=PromptModel))
+register_method(MethodSpec(peft_type=PeftType.P_TUNING, config=PromptEncoderConfig, prompt=_p_tuning,
+                              engine=PromptModel))
 
 __all__ = [
     "AdaptedAttention",
