@@ -1,4 +1,4 @@
-"""The ``peftkit`` command: ``peftkit demo``, ``peftkit fusion``, ``peftkit inspect``."""
+"""The ``peftkit`` command: ``peftkit demo``, ``peftkit fusion``, ``peftkit inspect``, ``peftkit xlora-plot``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     inspect = sub.add_parser("inspect", help="Show an adapter folder's config and tensors.")
     inspect.add_argument("path")
 
+    from .xlora_plot import add_parser as add_xlora_plot
+
+    add_xlora_plot(sub)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -43,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from .fusion import run_fusion
 
         return run_fusion(args)
+    if args.command == "xlora-plot":
+        from .xlora_plot import run_xlora_plot
+
+        return run_xlora_plot(args)
     from .inspect import run_inspect
 
     return run_inspect(args.path)

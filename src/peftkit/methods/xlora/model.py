@@ -73,8 +73,8 @@ class XLoraModel(AdapterModel):
             self.lora_model = _load_experts(model, sources, getattr(peft_config, "_hub_kwargs", {}))
             layers = self._number_layers()
         except BaseException:
-            if isinstance(getattr(self, "lora_model", None), AdapterModel):
-                self.lora_model.unload()
+            if "lora_model" in self._modules:
+                self._modules["lora_model"].unload()
             for p in trainable:  # the model is left as it was
                 p.requires_grad_(True)
             raise
@@ -88,9 +88,16 @@ class XLoraModel(AdapterModel):
         )
         self.internal_xlora_scalings: torch.Tensor | None = None
         self._freeze_experts()
+        if config.inference_mode:  # loaded for inference: nothing trains
+            self.internal_xlora_classifier.requires_grad_(False)
         model.peft_config = self.peft_config
 
     # ------------------------------------------------------------------ structure
+    def __getattr__(self, name: str) -> Any:
+        if name == "lora_model":  # not built (yet): no fallback to the wrapped model
+            return nn.Module.__getattr__(self, name)
+        return super().__getattr__(name)
+
     @property
     def model(self) -> nn.Module:  # the user's model, held (once) by the experts' engine
         return self.lora_model.model
@@ -380,7 +387,20 @@ def _prepared(config: XLoraConfig, model: nn.Module) -> XLoraConfig:
 
 
 def _load_experts(model: nn.Module, sources: list[list[tuple[str, str | None]]], hub: dict[str, Any]) -> _Experts:
-    """Inject every expert (named "0", "1", ...) and load its weights; the first complete source wins."""
+    """Inject every expert (named "0", "1", ...) and load its weights; on error the model is left as it was."""
+    built: list[_Experts] = []
+    try:
+        _fill_experts(model, sources, hub, built)
+    except BaseException:
+        if built:
+            built[0].unload()
+        raise
+    built[0].set_adapter([str(i) for i in range(len(sources))])
+    return built[0]
+
+
+def _fill_experts(model: nn.Module, sources: list, hub: dict[str, Any], box: list) -> None:
+    """Inject and load the experts one by one (the engine goes into ``box``); the first complete source wins."""
     from ...mapping import set_peft_model_state_dict
 
     experts: _Experts | None = None
@@ -391,6 +411,7 @@ def _load_experts(model: nn.Module, sources: list[list[tuple[str, str | None]]],
             last = j == len(candidates) - 1
             if experts is None:
                 experts = _Experts(model, lora_config, name, low_cpu_mem_usage=True)
+                box.append(experts)
             else:
                 experts.inject_adapter(name, lora_config, low_cpu_mem_usage=True)
             result = set_peft_model_state_dict(experts, state, adapter_name=name)
@@ -404,9 +425,6 @@ def _load_experts(model: nn.Module, sources: list[list[tuple[str, str | None]]],
                 set_peft_model_state_dict(experts, state, adapter_name=name)
         if result.unexpected_keys:
             warnings.warn(f"Expert {i}: keys that fit nothing in the model: {result.unexpected_keys[:5]}")
-    assert experts is not None
-    experts.set_adapter([str(i) for i in range(len(sources))])
-    return experts
 
 
 def _where(path: str, sub: str | None) -> str:
