@@ -191,21 +191,24 @@ P_TUNING_CASES = ("p_tuning_train_step", "p_tuning_generate")
 PREFIX_CASES = ("prefix_train_step", "prefix_generate")
 ADAPTION_PROMPT_CASES = ("adaption_prompt_train_step", "adaption_prompt_generate")
 PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix", "adaption_prompt")
-GENERATE_CASES = ("prompt_tuning_generate", "p_tuning_generate", "prefix_generate", "adaption_prompt_generate")
+# X-LoRA: XLORA_EXPERTS LoRA experts, an eval forward and 32-token greedy generation
+XLORA_CASES = ("xlora_forward", "xlora_generate")
+GENERATE_CASES = ("prompt_tuning_generate", "p_tuning_generate", "prefix_generate", "adaption_prompt_generate",
+                  "xlora_generate")
 # Method cases: peftkit's <method> against peft's <method> and other references, in a table of their own;
 # the group name on --cases ("shira", "lokr", "loha", "ia3", "oft", "boft") expands to all of a method's cases.
 METHOD_CASES = {"shira": SHIRA_CASES, "lokr": LOKR_CASES, "loha": LOHA_CASES, "ia3": IA3_CASES, "oft": OFT_CASES,
                 "boft": BOFT_CASES, "prompt_tuning": PROMPT_TUNING_CASES, "p_tuning": P_TUNING_CASES,
-                "prefix": PREFIX_CASES, "adaption_prompt": ADAPTION_PROMPT_CASES}
+                "prefix": PREFIX_CASES, "adaption_prompt": ADAPTION_PROMPT_CASES, "xlora": XLORA_CASES}
 METHOD_NAMES = {"shira": "SHiRA", "lokr": "LoKr", "loha": "LoHa", "ia3": "IA3", "oft": "OFT", "boft": "BOFT",
                 "prompt_tuning": "prompt tuning", "p_tuning": "P-tuning", "prefix": "prefix tuning",
-                "adaption_prompt": "Llama-Adapter"}
+                "adaption_prompt": "Llama-Adapter", "xlora": "X-LoRA"}
 # Groups of method groups on --cases: "prompt" stands for the four prompt-learning methods.
 GROUP_ALIASES = {"prompt": PROMPT_METHODS}
 CASES = ("train_step", "get_peft_model", "merge_and_unload", "save_load", "train_memory",
          "dora_train_step", "dora_eval_forward", "mixed_batch", "switch_merged", "weighted_svd", *SHIRA_CASES,
          *LOKR_CASES, *LOHA_CASES, *IA3_CASES, *OFT_CASES, *BOFT_CASES, *PROMPT_TUNING_CASES, *P_TUNING_CASES,
-         *PREFIX_CASES, *ADAPTION_PROMPT_CASES)
+         *PREFIX_CASES, *ADAPTION_PROMPT_CASES, *XLORA_CASES)
 LIBS = ("peftkit", "peft")
 BASE = "base"
 # Reference children of the SHiRA cases: the same library running LoRA (r=16, alpha=32) instead.
@@ -237,6 +240,7 @@ METHOD_LIBS = {
     # butterfly factor 2: peftkit only (peft's BOFT silently runs factor 1 without its CUDA extension)
     "boft2_train_step": ["peftkit", "peftkit_lora"],
     **{c: ["peftkit", "peft", BASE] for m in PROMPT_METHODS for c in METHOD_CASES[m]},
+    **{c: ["peftkit", "peft", BASE] for c in XLORA_CASES},
 }
 # Names of the reference children in the method tables ("peftkit"/"peft": "<lib> <method>", see _label).
 LIB_LABELS = {"peftkit_lora": "peftkit LoRA", "peft_lora": "peft LoRA", BASE: "base"}
@@ -265,6 +269,8 @@ PROMPT_VIRTUAL_TOKENS, PTUNING_ENCODER_HIDDEN = 20, 128
 ADAPTION_LEN, ADAPTION_LAYERS = 10, 2
 # *_generate: greedy generation of exactly GEN_NEW tokens from GEN_BATCH prompts of GEN_PROMPT tokens (KV cache on)
 GEN_BATCH, GEN_PROMPT, GEN_NEW = 4, 16, 32
+# X-LoRA: experts (LoRA r=16 on all linear layers), PEFT's XLoraConfig defaults otherwise (depth 1, dense softmax)
+XLORA_EXPERTS = 4
 
 # Timed samples per child, warm-up samples per child, and rounds (fresh sets of children).
 DEFAULT_REPEATS = {
@@ -275,7 +281,7 @@ DEFAULT_REPEATS = {
              "loha_train_step": 8, "loha_train_memory": 1, "ia3_train_step": 8, "ia3_train_memory": 1,
              "oft_train_step": 8, "oft_train_memory": 1, "boft_train_step": 6, "boft_train_memory": 1,
              "boft2_train_step": 8,
-             **{c: 6 for m in PROMPT_METHODS for c in METHOD_CASES[m]}},
+             **{c: 6 for m in PROMPT_METHODS for c in METHOD_CASES[m]}, "xlora_forward": 10, "xlora_generate": 4},
     "quick": {"train_step": 2, "get_peft_model": 2, "merge_and_unload": 3, "save_load": 3, "train_memory": 1,
               "dora_train_step": 3, "dora_eval_forward": 6, "mixed_batch": 8, "switch_merged": 3,
               "weighted_svd": 2, "shira_train_step": 2, "shira_train_memory": 1, "shira_switch_merged": 4,
@@ -283,7 +289,7 @@ DEFAULT_REPEATS = {
               "loha_train_step": 2, "loha_train_memory": 1, "ia3_train_step": 2, "ia3_train_memory": 1,
               "oft_train_step": 2, "oft_train_memory": 1, "boft_train_step": 2, "boft_train_memory": 1,
               "boft2_train_step": 2,
-              **{c: 2 for m in PROMPT_METHODS for c in METHOD_CASES[m]}},
+              **{c: 2 for m in PROMPT_METHODS for c in METHOD_CASES[m]}, "xlora_forward": 3, "xlora_generate": 2},
 }
 DEFAULT_TRAIN_WARMUP = {"full": 2, "quick": 1}
 OTHER_WARMUP = {"train_step": None, "get_peft_model": 1, "merge_and_unload": 1, "save_load": 1, "train_memory": 0,
@@ -293,7 +299,8 @@ OTHER_WARMUP = {"train_step": None, "get_peft_model": 1, "merge_and_unload": 1, 
                 "loha_train_step": None, "loha_train_memory": 0, "ia3_train_step": None, "ia3_train_memory": 0,
                 "oft_train_step": None, "oft_train_memory": 0, "boft_train_step": None, "boft_train_memory": 0,
                 "boft2_train_step": None,
-                **{f"{m}_train_step": None for m in PROMPT_METHODS}, **{c: 1 for c in GENERATE_CASES}}
+                **{f"{m}_train_step": None for m in PROMPT_METHODS}, **{c: 1 for c in GENERATE_CASES},
+                "xlora_forward": 1}
 DEFAULT_ROUNDS = {"full": 2, "quick": 1}
 
 # Targets on the ratio peftkit / peft (None: reported without a target).
@@ -348,11 +355,13 @@ METHOD_TARGETS = {
     ("boft_train_memory", "peft"): ("<=", 1.0),
     ("boft2_train_step", "peftkit_lora"): ("<=", 2.0),
     **{(c, "peft"): ("<=", 1.05) for m in PROMPT_METHODS for c in METHOD_CASES[m]},
+    ("xlora_forward", "peft"): ("<=", 0.6),
+    ("xlora_generate", "peft"): ("<=", 0.3),
 }
 METHOD_TIME_METRICS = {"shira": SHIRA_TIME_METRICS, "lokr": ("lokr_train_step",), "loha": ("loha_train_step",),
                        "ia3": ("ia3_train_step",), "oft": ("oft_train_step",),
                        "boft": ("boft_train_step", "boft2_train_step"),
-                       **{m: METHOD_CASES[m] for m in PROMPT_METHODS}}
+                       **{m: METHOD_CASES[m] for m in PROMPT_METHODS}, "xlora": XLORA_CASES}
 # Derived rows: the cost above the base of a case with a base child, (lib - base) per repeat.
 ABOVE_BASE = {"dora_train_step": "dora_train_step_above_base", "dora_eval_forward": "dora_eval_forward_above_base",
               "mixed_batch": "mixed_batch_above_base"}
@@ -448,7 +457,7 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     cfg_name = {"shira": "ShiraConfig", "lokr": "LoKrConfig", "loha": "LoHaConfig", "ia3": "IA3Config",
                 "oft": "OFTConfig", "boft": "BOFTConfig", "prompt_tuning": "PromptTuningConfig",
                 "p_tuning": "PromptEncoderConfig", "prefix": "PrefixTuningConfig",
-                "adaption_prompt": "AdaptionPromptConfig"}.get(method or "")
+                "adaption_prompt": "AdaptionPromptConfig", "xlora": "XLoraConfig"}.get(method or "")
     if use_method and not hasattr(L, cfg_name):
         # e.g. a peftkit tree without that method yet: say so instead of a traceback deep in setup
         raise SystemExit(f"case {case}: {pkg} {getattr(L, '__version__', '?')} at {os.path.dirname(L.__file__)} "
@@ -530,6 +539,25 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
             return L.PrefixTuningConfig(num_virtual_tokens=PROMPT_VIRTUAL_TOKENS, task_type="CAUSAL_LM")
         # Llama-Adapter: gates start at 0, so the model starts as the base
         return L.AdaptionPromptConfig(adapter_len=ADAPTION_LEN, adapter_layers=ADAPTION_LAYERS, task_type="CAUSAL_LM")
+
+    def xlora_model(model):
+        """X-LoRA over XLORA_EXPERTS LoRA experts saved by this library, with a classifier drawn from a fixed seed."""
+        d = tempfile.mkdtemp(prefix="xlora-bench-")
+        adapters = {}
+        for i in range(XLORA_EXPERTS):
+            torch.manual_seed(100 + i)
+            expert = L.get_peft_model(build(SMALL_LAYERS), lora_config(init=False))
+            expert.save_pretrained(os.path.join(d, f"expert{i}"))
+            adapters[str(i)] = os.path.join(d, f"expert{i}")  # numeric names: peft 0.21 needs them
+        if pkg == "peft":
+            model.config.use_cache = False  # peft refuses the cache
+        xmodel = L.get_peft_model(model, L.XLoraConfig(task_type="CAUSAL_LM", hidden_size=HIDDEN, adapters=adapters))
+        shutil.rmtree(d, ignore_errors=True)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in xmodel.base_model.internal_xlora_classifier.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        return xmodel.to(device)
 
     def adapter_config(init: bool = True, seed: int = SHIRA_SEED):
         """This child's adapter in a method case: the method (peftkit, peft) or LoRA r=16 (references)."""
@@ -628,10 +656,11 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
 
     elif case in GENERATE_CASES:
         # greedy generation with the KV cache (the bench config has use_cache=False, so it is passed here);
-        # peftkit / peft: PeftModel.generate, base: the plain model's generate
+        # peftkit / peft: PeftModel.generate, base: the plain model's generate. X-LoRA: peft's forces
+        # use_cache=False (every step reruns both passes over the whole sequence); peftkit's keeps a cache per pass.
         model = build(SMALL_LAYERS)
         if lib != BASE:
-            model = L.get_peft_model(model, adapter_config())
+            model = xlora_model(model) if method == "xlora" else L.get_peft_model(model, adapter_config())
         model.eval()
         ids = torch.randint(0, VOCAB, (GEN_BATCH, GEN_PROMPT), generator=torch.Generator().manual_seed(4321)).to(device)
         mask = torch.ones_like(ids)
@@ -651,6 +680,23 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
             return {case: dt}
 
         info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    elif case == "xlora_forward":
+        # eval forward under no_grad, batch 4 x 128: both passes (peftkit, peft), or the plain model (base)
+        model = build(SMALL_LAYERS)
+        if lib != BASE:
+            model = xlora_model(model)
+        model.eval()
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1234)).to(device)
+
+        def sample():
+            def forward():
+                with torch.no_grad():
+                    return model(input_ids=ids).logits
+
+            dt, logits = timed(forward)
+            info.setdefault("logits_checksum", float(logits.double().sum()))
+            return {case: dt}
 
     elif case == "dora_eval_forward":
         model = build(SMALL_LAYERS)
@@ -1601,7 +1647,10 @@ def main(argv: list[str] | None = None) -> int:
              "prefix": f"peftkit's prefix tuning ({PROMPT_VIRTUAL_TOKENS} virtual tokens, no projection) against "
                        "peft's and the plain base",
              "adaption_prompt": f"peftkit's Llama-Adapter (adapter_len {ADAPTION_LEN}, top {ADAPTION_LAYERS} "
-                                "layers) against peft's and the plain base"}
+                                "layers) against peft's and the plain base",
+             "xlora": f"peftkit's X-LoRA ({XLORA_EXPERTS} LoRA experts r={RANK} on all linear layers, classifier depth 1) "
+                      "against peft's and the plain base model (xlora_forward: eval forward, batch "
+                      f"{BATCH}x{SEQ}; xlora_generate: {GEN_NEW} new tokens, peft without the cache, which it refuses)"}
     for m, mrows in method_rows.items():
         print(f"\n{METHOD_NAMES[m]}: {intro[m]}; ratios as above, paired per repeat\n")
         print(markdown_method(mrows, args.device, m))

@@ -290,6 +290,17 @@ def test_expert_dropout_in_training_is_unbiased(tmp_path, ids):
     assert ((draws.mean(0) - expected).abs() <= bound).all()
 
 
+def test_gradient_checkpointing_is_refused_in_training(experts, ids):
+    model = build(experts("0", "1"))
+    model.get_base_model().gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(input_ids=ids, labels=ids)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # inference is unaffected
+
+
 def test_disable_adapter_runs_the_base_model_only(experts, ids):
     model = build(experts("0", "1"))
     with torch.no_grad(), model.disable_adapter():

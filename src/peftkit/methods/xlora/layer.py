@@ -56,8 +56,10 @@ class XLoraLayer(LoraLayer):
 
     def mix(self, x: torch.Tensor, out: torch.Tensor, gate: Gate) -> torch.Tensor:
         """``out`` plus every expert's output weighted by the gate's weights for this layer."""
-        a, b, cols, bias = self._expert_stack()
         w = gate.for_layer(self.xlora_index)
+        if w is None and not any(self.lora_bias.values()):
+            return out  # every expert at 0 (the default scaling pass): the base layer alone
+        a, b, cols, bias = self._expert_stack()
         if w is not None:
             h = self._expert_hidden(x, a)  # (..., R)
             wc = w.index_select(-1, cols).to(h.dtype)  # (..., R) or (R,)
@@ -98,23 +100,41 @@ class XLoraLayer(LoraLayer):
     def _experts(self) -> list[str]:
         return sorted(self.lora_A or self.lora_embedding_A, key=int)
 
+    def _expert_tensors(self, names: list[str]) -> list[torch.Tensor]:
+        """Every tensor the stack is built from (read directly: this runs on every call)."""
+        if self.lora_embedding_A:
+            return [t for n in names for t in (self.lora_embedding_A[n], self.lora_embedding_B[n])]
+        out = []
+        for n in names:
+            b = self.lora_B[n]
+            out += (self.lora_A[n].weight, b.weight) if b.bias is None else (self.lora_A[n].weight, b.weight, b.bias)
+        return out
+
     def _expert_stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(A_cat (R, fan_in), B_cat·scaling (out, R), expert index per column (R,), Σ scaling·bias or None)."""
+        """(A_cat (R, fan_in), B_cat·scaling (out, R), expert index per column (R,), Σ scaling·bias or None).
+
+        Cached while the same tensors hold the same values (checked by identity and version).
+        """
         names = self._experts()
-        factors = [self._factors(n) for n in names]
-        params = [p for n in names for p in self.adapter_parameters(n)]
-        key = tuple((p._version, p.data_ptr()) for p in params) + tuple(names)
+        tensors = self._expert_tensors(names)
+        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         cached = getattr(self, "_xlora_stack", None)
-        differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if cached is not None and cached[0] == key and not differentiable:
+        if (
+            cached is not None
+            and not differentiable
+            and len(cached[0]) == len(tensors)
+            and all(t is c and t._version == v for t, (c, v) in zip(tensors, cached[0]))
+        ):
             return cached[1]
+        factors = [self._factors(n) for n in names]
         a = torch.cat([fa for fa, _ in factors], 0)
         b = torch.cat([fb * self.scaling[n] for n, (_, fb) in zip(names, factors)], 1)
         cols = torch.cat([torch.full((fa.shape[0],), int(n), dtype=torch.long) for n, (fa, _) in zip(names, factors)])
         biases = [self.lora_B[n].bias * self.scaling[n] for n in names if n in self.lora_B and self.lora_B[n].bias is not None]
         bias = torch.stack(biases).sum(0) if biases else None
         result = (a, b, cols.to(a.device), bias)
-        if not differentiable:
-            self._xlora_stack = (key, tuple(t.detach() if t is not None else None for t in result))
-            return self._xlora_stack[1]
+        if differentiable:
+            return result
+        result = tuple(t.detach() if t is not None else None for t in result)
+        self._xlora_stack = ([(t, t._version) for t in tensors], result)
         return result

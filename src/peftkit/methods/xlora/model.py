@@ -189,6 +189,9 @@ class XLoraModel(AdapterModel):
         """The scaling pass, the classifier, then ``call`` (the model's forward) with the predicted weights."""
         if not self._enabled:
             return call(*args, **kwargs)
+        if torch.is_grad_enabled() and self.model.training and getattr(self.model, "is_gradient_checkpointing", False):
+            raise ValueError("X-LoRA cannot train under gradient checkpointing: the layers recomputed in backward "
+                             "would not see the per-token expert weights. Call gradient_checkpointing_disable().")
         kwargs = dict(kwargs)
         if args:
             if len(args) > 1:
