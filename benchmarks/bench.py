@@ -696,6 +696,12 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
 
             dt, logits = timed(forward)
             info.setdefault("logits_checksum", float(logits.double().sum()))
+            if lib == BASE:  # the backbone alone (no output head): X-LoRA's scaling pass, for the floor
+                def backbone():
+                    with torch.no_grad():
+                        return model.model(input_ids=ids)[0]
+
+                info.setdefault("backbone_s", []).append(timed(backbone)[0])
             return {case: dt}
 
     elif case == "dora_eval_forward":
@@ -1322,6 +1328,20 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
                      for lib, xs in samples.items()]
             rmin = [f"{lib} {min(samples['peftkit']) / min(xs):.3f}" for lib, xs in samples.items() if lib != "peftkit"]
             out.append(f"- {metric} sample range: " + "; ".join(parts) + "; ratio of minima vs " + ", ".join(rmin))
+    if method == "xlora":
+        fwd = {c["lib"]: c for c in sh if c["case"] == "xlora_forward"}
+        sums = {lib: c["info"]["logits_checksum"] for lib, c in fwd.items() if "logits_checksum" in c["info"]}
+        if "peftkit" in sums and "peft" in sums:
+            out.append(f"- xlora_forward logits sum: peftkit {sums['peftkit']:.6g}, peft {sums['peft']:.6g} "
+                       f"(same experts and classifier: should agree)")
+        backbone = [t for c in sh if c["case"] == "xlora_forward" and c["lib"] == BASE
+                    for t in c["info"].get("backbone_s", [])]
+        med = {lib: statistics.median(xs) for r in rows if r["case"] == "xlora_forward" for lib, xs in r["samples"].items()}
+        if backbone and BASE in med and "peft" in med:
+            floor = (statistics.median(backbone) + med[BASE]) / med["peft"]
+            out.append(f"- xlora_forward floor: any exact X-LoRA forward runs the backbone (scaling pass, "
+                       f"{_fmt_time(statistics.median(backbone))}) and the full model (real pass, "
+                       f"{_fmt_time(med[BASE])}): (backbone + base) / peft = {floor:.3f}")
     init_note = {"shira": "SHiRA values 0 and LoRA B = 0 at init", "lokr": "LoKr W1 = 0 at init",
                  "loha": "LoHa hada_w2_b = 0 at init",
                  "ia3": "IA3 vectors 1 at init",
@@ -1332,7 +1352,7 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
                  "p_tuning": "same seed, same prompt encoder: peftkit and peft should agree; base sees no "
                              "virtual tokens",
                  "prefix": "same seed, same prefix: peftkit and peft should agree; base has no prefix",
-                 "adaption_prompt": "Llama-Adapter gates 0 at init"}[method]
+                 "adaption_prompt": "Llama-Adapter gates 0 at init", "xlora": ""}[method]
     # the train-step cases with loss and parameter checks (BOFT: also the peftkit-only factor-2 row)
     step_cases = [step_case] + (["boft2_train_step"] if method == "boft" else [])
     for sc in step_cases:

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from peftkit import LoraConfig, TaskType, XLoraConfig, get_peft_model  # noqa: E402
+from peftkit import LoraConfig, PeftModel, TaskType, XLoraConfig, get_peft_model  # noqa: E402
 from peftkit.methods.xlora.plot import plot_scalings, scalings_for_prompt  # noqa: E402
 from prompt_tuning_smollm2 import (  # noqa: E402  (same folder: the base model and Self-Instruct helpers)
     collate,
@@ -120,21 +120,28 @@ def train(model, data: dict[str, list[Example]], steps: int, batch_size: int, lr
 
 
 @torch.no_grad()
-def routing(model, data: list[Example], batch_size: int, pad_id: int, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Over every real token of ``data``: (mean scalings per expert, share of tokens whose top expert is each)."""
+def routing(model, data: list[Example], batch_size: int, pad_id: int, n_experts: int) -> dict[str, torch.Tensor]:
+    """Mean scalings per expert (averaged over layers) on held-out examples.
+
+    Returns ``mean`` (every real token), ``top`` (share of real tokens whose highest weight is each
+    expert), ``predicting`` (the positions that predict a token with a loss) and ``first`` (position 0).
+    """
     model.eval()
-    total = torch.zeros(n_experts, dtype=torch.float64)
-    top = torch.zeros(n_experts, dtype=torch.float64)
-    count = 0
+    sums = {k: torch.zeros(n_experts, dtype=torch.float64) for k in ("mean", "top", "predicting", "first")}
+    counts = dict.fromkeys(sums, 0)
     for i in range(0, len(data), batch_size):
         b = collate(data[i : i + batch_size], pad_id)
         model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-        s = model.get_latest_scalings().mean(dim=2)  # (batch, seq, experts): mean over layers
-        s = s[b["attention_mask"].bool()].double()  # (real tokens, experts)
-        total += s.sum(0)
-        top += torch.bincount(s.argmax(-1), minlength=n_experts).double()
-        count += s.shape[0]
-    return total / count, top / count
+        s = model.get_latest_scalings().mean(dim=2).double()  # (batch, seq, experts): mean over layers
+        real = b["attention_mask"].bool()
+        predicting = torch.zeros_like(real)
+        predicting[:, :-1] = b["labels"][:, 1:] != -100
+        for key, sel in (("mean", s[real]), ("predicting", s[predicting]), ("first", s[:, 0])):
+            sums[key] += sel.sum(0)
+            counts[key] += sel.shape[0]
+        sums["top"] += torch.bincount(s[real].argmax(-1), minlength=n_experts).double()
+        counts["top"] += int(real.sum())
+    return {k: sums[k] / max(counts[k], 1) for k in sums}
 
 
 @torch.no_grad()
@@ -167,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-size", type=int, default=12, help="held-out examples per task")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 is faster on an idle 2-core machine)")
+    ap.add_argument("--reuse-experts", action="store_true",
+                    help="load the experts saved in --out by an earlier run instead of training them")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/xlora-example")
     args = ap.parse_args(argv)
@@ -220,6 +229,15 @@ def main(argv: list[str] | None = None) -> int:
 
     expert_dirs: dict[str, str] = {}
     for task in TASKS:
+        expert_dirs[task] = str(out_dir / f"expert_{task}")
+        if args.reuse_experts and (Path(expert_dirs[task]) / "adapter_config.json").is_file():
+            model = PeftModel.from_pretrained(base, expert_dirs[task])
+            loss_table[f"expert {task} alone"] = losses_row(model, held, args.batch_size, pad_id)
+            print(f"expert {task}: reused {expert_dirs[task]}; held-out loss alone: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in loss_table[f"expert {task} alone"].items()))
+            base = model.unload()
+            del model
+            continue
         lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
                           target_modules=[m.strip() for m in args.targets.split(",") if m.strip()])
         model = get_peft_model(base, lora)
@@ -232,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
         loss_table[f"expert {task} alone"] = losses_row(model, held, args.batch_size, pad_id)
         print(f"held-out loss, expert {task} alone: "
               + ", ".join(f"{k} {v:.3f}" for k, v in loss_table[f"expert {task} alone"].items()))
-        expert_dirs[task] = str(out_dir / f"expert_{task}")
         model.save_pretrained(expert_dirs[task])
         base = model.unload()  # the plain base again, for the next expert
         del model
@@ -276,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["total"] = time.perf_counter() - t_start
 
     # ---------------------------------------------------------------- report
-    md = [f"# X-LoRA over two experts of SmolLM2-135M\n",
+    md = ["# X-LoRA over two experts of SmolLM2-135M\n",
           f"Settings: {json.dumps(vars(args))}\n",
           "## Mean X-LoRA scalings per task (held-out inputs, every token, mean over layers)\n",
           route_table(after, names, held), "",
@@ -295,13 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def route_table(result: dict[str, tuple[torch.Tensor, torch.Tensor]], names: list[str], held: dict) -> str:
-    rows = ["| task (held-out inputs) | " + " | ".join(f"mean weight: {n}" for n in names) + " | tokens whose top "
-            "expert is the task's own |", "|---" * (len(names) + 2) + "|"]
-    for task, (mean, top) in result.items():
-        own = top[names.index(task)] if task in names else float("nan")
-        rows.append(f"| {task} ({len(held[task])}) | " + " | ".join(f"{float(m):.3f}" for m in mean)
-                    + f" | {100 * float(own):.1f}% |")
+def route_table(result: dict[str, dict[str, torch.Tensor]], names: list[str], held: dict) -> str:
+    rows = ["| task (held-out inputs) | " + " | ".join(f"mean weight: {n}" for n in names)
+            + " | tokens whose top expert is the task's own | own expert's weight: predicting positions "
+            "| own expert's weight: position 0 |", "|---" * (len(names) + 4) + "|"]
+    for task, r in result.items():
+        own = names.index(task)
+        rows.append(f"| {task} ({len(held[task])}) | " + " | ".join(f"{float(m):.3f}" for m in r["mean"])
+                    + f" | {100 * float(r['top'][own]):.1f}% | {float(r['predicting'][own]):.3f} "
+                    f"| {float(r['first'][own]):.3f} |")
     return "\n".join(rows)
 
 

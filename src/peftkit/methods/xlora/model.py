@@ -124,7 +124,8 @@ class XLoraModel(AdapterModel):
         return layers
 
     def _freeze_experts(self) -> None:
-        trainable = self.xlora_config.use_trainable_adapters
+        config = self.xlora_config
+        trainable = config.use_trainable_adapters and not config.inference_mode
         for _, layer in self.lora_model.adapter_layers():
             for e in layer.adapters:
                 for p in layer.adapter_parameters(e):

@@ -74,7 +74,7 @@ def scalings_figure(
     """
     plt = _pyplot()
     s = _as_3d(scalings)
-    seq, n_layers, n_experts = s.shape
+    seq, _, n_experts = s.shape
     if tokens is not None and len(tokens) != seq:
         raise ValueError(f"plot_scalings: {len(tokens)} tokens for scalings over {seq} positions.")
     if expert_names is not None and len(expert_names) != n_experts:
