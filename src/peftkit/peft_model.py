@@ -22,7 +22,7 @@ from .io.serialization import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_state
 from .mapping import get_peft_model_state_dict, set_peft_model_state_dict
 from .types import TaskType
 from .utils import trainer_compat
-from .utils.training import enable_input_require_grads, gradient_checkpointing_enable
+from .utils.training import checkpointing_is_on, enable_input_require_grads, gradient_checkpointing_enable
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only")
 
@@ -58,7 +58,7 @@ class PeftModel(nn.Module):
         self.base_model = engine(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         self.training = model.training
         self.special_peft_forward_args = {"adapter_names"}
-        if getattr(model, "is_gradient_checkpointing", False) and not getattr(model, "is_quantized", False):
+        if checkpointing_is_on(model) and not getattr(model, "is_quantized", False):
             enable_input_require_grads(model)  # checkpointing was on before wrapping: adapters need input grads
         trainer_compat.install()  # transformers.Trainer: adapter-only checkpoints (see utils/trainer_compat.py)
 

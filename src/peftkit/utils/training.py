@@ -15,6 +15,14 @@ def _mark_output_requires_grad(module: nn.Module, inputs: Any, output: torch.Ten
     output.requires_grad_(True)
 
 
+def checkpointing_is_on(model: nn.Module) -> bool:
+    """Whether a transformers model has activation (gradient) checkpointing on; False for other modules."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 name first
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
 def enable_input_require_grads(model: nn.Module) -> None:
     """Make the input embeddings' output require grad, once.
 
