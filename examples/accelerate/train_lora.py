@@ -83,7 +83,7 @@ def main() -> None:
     model, optim, sched = accelerator.prepare(model, optim, sched)
     rng = random.Random(args.seed)  # the same global batches on every rank; each takes its slice
     model.train()
-    start = time.perf_counter()
+    start, running = time.perf_counter(), 0.0
     for step in range(1, args.steps + 1):
         batch = rng.sample(train, args.batch_size * world)[rank::world]
         enc = tok([r[0] for r in batch], padding=True, truncation=True, max_length=64, return_tensors="pt")

@@ -56,9 +56,8 @@ def _save_adapter(original: Any) -> Any:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not _is_peftkit_model(model):
             return original(self, output_dir, state_dict)
-        from transformers.trainer import TRAINING_ARGS_NAME
-
         import torch
+        from transformers.trainer import TRAINING_ARGS_NAME
 
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         # every rank runs save_pretrained: gathering a sharded (FSDP2) adapter needs all of them
