@@ -111,3 +111,26 @@ def test_prepare_keeps_dtype_of_schemes_that_store_their_own():
     model.quantization_method = "gptq"
     peftkit.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
+
+
+def test_trainer_activation_checkpointing_trains_adapters(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = peftkit.get_peft_model(tiny_vit(), peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                 init_lora_weights=False))
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": torch.tensor(i % 3)} for i in range(8)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", activation_checkpointing=True,
+                             activation_checkpointing_kwargs={"use_reentrant": True}, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    assert checkpointing_on(model.get_base_model())
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(after[n], p) for n, p in before.items())  # every adapter tensor was trained
+
+
+def checkpointing_on(model: torch.nn.Module) -> bool:
+    from peftkit.utils.training import checkpointing_is_on
+
+    return checkpointing_is_on(model)

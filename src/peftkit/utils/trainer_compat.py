@@ -100,21 +100,24 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname != _TRAINER:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us again
+        # importlib is iterating sys.meta_path right now: skip ourselves rather than remove ourselves
         for finder in sys.meta_path:
-            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 break
         else:
             return None
-        loader = spec.loader
-        exec_module = loader.exec_module
+        exec_module = spec.loader.exec_module
 
         def exec_and_patch(module: Any) -> None:
             exec_module(module)
             _patch(module)
+            if self in sys.meta_path:  # one shot (the lookup is over by now)
+                sys.meta_path.remove(self)
 
-        loader.exec_module = exec_and_patch
+        spec.loader.exec_module = exec_and_patch
         return spec
 
 
