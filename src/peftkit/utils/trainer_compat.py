@@ -59,12 +59,16 @@ def _save_adapter(original: Any) -> Any:
         import torch
         from transformers.trainer import TRAINING_ARGS_NAME
 
+        if state_dict is not None and not self.args.should_save:
+            return  # the caller gathered the weights already: nothing left for this rank to join
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        # every rank runs save_pretrained: gathering a sharded (FSDP2) adapter needs all of them
+        # otherwise every rank runs save_pretrained: gathering a sharded (FSDP2) adapter needs all of them
         model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
-        tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            tokenizer = getattr(self.data_collator, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
