@@ -81,13 +81,13 @@ def get_peft_model_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The tensors of one adapter under their checkpoint keys (``base_model.model.<path>.<param>``).
 
-    Args:
-        model: the ``PeftModel``.
-        state_dict: take tensors from this full state dict (e.g. one gathered from shards) instead of the model.
-
     A model sharded with FSDP2 (``fully_shard``) holds DTensors: they are gathered into full
     tensors here, a collective call, so every rank must call this function (``save_pretrained``
     does so on every rank and writes on the main one).
+
+    Args:
+        model: the ``PeftModel``.
+        state_dict: take tensors from this full state dict (e.g. one gathered from shards) instead of the model.
         adapter_name: which adapter.
         unwrap_compiled: accepted for PEFT's signature (a compiled wrapper is always unwrapped).
         save_embedding_layers: also save the base token embedding / output head: True, False, or
