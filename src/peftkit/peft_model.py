@@ -302,11 +302,6 @@ class PeftModel(nn.Module):
         return result
 
 
-def _is_rank_zero() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _convert_initial(config: PeftConfig, state: dict[str, torch.Tensor], path: str | os.PathLike) -> tuple:
     from .registry import get_method
 
@@ -326,6 +321,11 @@ def _load_adapter_file(model_id: str | os.PathLike, subfolder: str | None, hub: 
             f"No {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {where}: save the adapter with save_pretrained first."
         )
     return load_state_dict(path)
+
+
+def _is_rank_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class PeftModelForCausalLM(PeftModel):
