@@ -168,15 +168,29 @@ def test_adapter_for_another_architecture(saved):
     assert no_adapter_layers(model)
 
 
-def test_load_adapter_existing_name_keeps_model(saved):
+def test_load_adapter_existing_name_replaces_values(saved):
+    """As in PEFT (and as Trainer's resume needs): the file's values go into the existing adapter, in place."""
     folder, out = saved
-    model = PeftModel.from_pretrained(mlp(), folder)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="default"):
-        model.load_adapter(folder, adapter_name="default")
-    assert_unchanged(model, before)
+    model = get_peft_model(mlp(), lora(r=4))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in params.items():
+            if "lora_" in name:
+                p.add_(1.0)
+        assert not torch.allclose(model(X), out)
+    model.load_adapter(folder, adapter_name="default", is_trainable=True)
+    assert all(p is params[n] for n, p in model.named_parameters())  # an optimizer keeps its parameters
     with torch.no_grad():
         torch.testing.assert_close(model(X), out)
+
+
+def test_load_adapter_existing_name_other_shapes_keeps_model(saved):
+    folder, _ = saved
+    model = get_peft_model(mlp(), lora(r=8))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="do not fit"):
+        model.load_adapter(folder, adapter_name="default")
+    assert_unchanged(model, before)
 
 
 def test_truncated_file_in_load_adapter_keeps_model(saved, tmp_path):

@@ -48,6 +48,7 @@ from .peft_model import (
     PeftModelForTokenClassification,
 )
 from .types import PeftType, TaskType
+from .utils.training import prepare_model_for_kbit_training
 
 LoraModel = AdapterModel  # PEFT's names for the per-method engines
 ShiraModel = AdapterModel
@@ -99,6 +100,7 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
     "ShiraConfig",
     "ShiraLayer",

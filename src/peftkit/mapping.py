@@ -81,6 +81,10 @@ def get_peft_model_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The tensors of one adapter under their checkpoint keys (``base_model.model.<path>.<param>``).
 
+    A model sharded with FSDP2 (``fully_shard``) holds DTensors: they are gathered into full
+    tensors here, a collective call, so every rank must call this function (``save_pretrained``
+    does so on every rank and writes on the main one).
+
     Args:
         model: the ``PeftModel``.
         state_dict: take tensors from this full state dict (e.g. one gathered from shards) instead of the model.
@@ -105,8 +109,16 @@ def get_peft_model_state_dict(
             slots.setdefault(key, slot)
     if state_dict is not None:
         # tensors kept out of state_dict() (SHiRA's positions) are read from the model
-        return {k: state_dict[s.mem_key] if s.mem_key in state_dict else s.get().detach() for k, s in slots.items()}
-    return {k: s.get().detach() for k, s in slots.items()}
+        return {k: _full(state_dict[s.mem_key] if s.mem_key in state_dict else s.get()) for k, s in slots.items()}
+    return {k: _full(s.get()) for k, s in slots.items()}
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded one (FSDP2's DTensor) is gathered, which every rank must join."""
+    tensor = tensor.detach()
+    if hasattr(tensor, "full_tensor") and hasattr(tensor, "device_mesh"):  # DTensor, without importing it
+        tensor = tensor.full_tensor()
+    return tensor
 
 
 def set_peft_model_state_dict(

@@ -22,6 +22,8 @@ from .io.hub import resolve_file
 from .io.serialization import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_state_dict, save_state_dict
 from .mapping import get_peft_model_state_dict, set_peft_model_state_dict
 from .types import TaskType
+from .utils import trainer_compat
+from .utils.training import checkpointing_is_on, enable_input_require_grads, gradient_checkpointing_enable
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only")
 
@@ -53,6 +55,9 @@ class PeftModel(nn.Module):
         self.base_model = engine(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         self.training = model.training
         self.special_peft_forward_args = {"adapter_names"}
+        if checkpointing_is_on(model) and not getattr(model, "is_quantized", False):
+            enable_input_require_grads(model)  # checkpointing was on before wrapping: adapters need input grads
+        trainer_compat.install()  # transformers.Trainer: adapter-only checkpoints (see utils/trainer_compat.py)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -109,6 +114,14 @@ class PeftModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Checkpoint the base model's blocks; the inputs are made to require grad so adapters get gradients."""
+        gradient_checkpointing_enable(self.get_base_model(), gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """transformers 5's name for ``gradient_checkpointing_enable`` (what ``Trainer`` calls)."""
+        gradient_checkpointing_enable(self.get_base_model(), activation_checkpointing_kwargs, **kwargs)
+
     # ------------------------------------------------------------------ calls
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
@@ -145,7 +158,7 @@ class PeftModel(nn.Module):
         save_directory: str | os.PathLike,
         safe_serialization: bool = True,
         selected_adapters: Sequence[str] | None = None,
-        is_main_process: bool = True,
+        is_main_process: bool | None = None,
         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         save_embedding_layers: bool | str = "auto",
         **kwargs: Any,
@@ -156,7 +169,9 @@ class PeftModel(nn.Module):
             save_directory: the folder (created if needed).
             safe_serialization: safetensors (default) or the legacy ``adapter_model.bin``.
             selected_adapters: which adapters to write (default: all).
-            is_main_process: write only on the main process of a distributed run.
+            is_main_process: whether this process writes the files. Default: rank 0 of an initialised
+                ``torch.distributed`` group, else True. Every rank must call ``save_pretrained``
+                when the adapter is sharded (FSDP2): its tensors are gathered first.
             save_embedding_layers: also save the base token embedding and output head (True/False,
                 or "auto": when the adapter targets them or the vocabulary was resized).
             path_initial_model_for_weight_conversion: for adapters whose init changed the base
@@ -168,6 +183,8 @@ class PeftModel(nn.Module):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self.base_model._check_adapters(names)
+        if is_main_process is None:
+            is_main_process = _is_rank_zero()
         base = self.get_base_model()
         for name in names:
             folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
@@ -231,9 +248,19 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Load another adapter into this model under ``adapter_name`` (not made active)."""
+        """Load another adapter into this model under ``adapter_name`` (not made active).
+
+        If the model already has an adapter of that name, its values are replaced by the file's.
+        """
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         subfolder = kwargs.get("subfolder")
+        if adapter_name in self.peft_config:
+            # new values for an adapter this model has (Trainer resuming from a checkpoint): copied in
+            # place, so an optimizer holding these parameters keeps working
+            result = set_peft_model_state_dict(self, _load_adapter_file(model_id, subfolder, hub), adapter_name)
+            if not is_trainable:
+                self.eval()
+            return result
         config = kwargs.get("peft_config") or PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
         config.inference_mode = not is_trainable
         state = _load_adapter_file(model_id, subfolder, hub)
@@ -301,6 +328,11 @@ def _load_adapter_file(model_id: str | os.PathLike, subfolder: str | None, hub: 
             f"No {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {where}: save the adapter with save_pretrained first."
         )
     return load_state_dict(path)
+
+
+def _is_rank_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class PeftModelForCausalLM(PeftModel):

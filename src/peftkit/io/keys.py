@@ -50,7 +50,7 @@ class Slot:
         old = self.get()
         with torch.no_grad():
             if old.device.type != "meta" and old.shape == value.shape:
-                old.copy_(value)
+                old.copy_(_like(old, value))
                 return
             if not old.is_floating_point():
                 dtype = old.dtype
@@ -65,6 +65,16 @@ class Slot:
             self.owner[self.leaf] = new
         else:
             setattr(self.owner, self.leaf, new)
+
+
+def _like(old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` laid out as ``old``: a sharded parameter (FSDP2's DTensor) gets this rank's shard."""
+    if not (hasattr(old, "device_mesh") and hasattr(old, "placements")):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    local = old.to_local()
+    return distribute_tensor(value.to(device=local.device, dtype=local.dtype), old.device_mesh, old.placements)
 
 
 class PromptSlot(Slot):
