@@ -34,6 +34,7 @@ Usage::
     python benchmarks/bench.py --cases oft,boft        # the oft_*, boft_* and boft2_* cases
     python benchmarks/bench.py --cases prompt          # the prompt_tuning_*, p_tuning_*, prefix_*, adaption_prompt_* cases
     python benchmarks/bench.py --child prefix_generate peftkit --repeats 3   # one prompt-learning child alone
+    python benchmarks/bench.py --cases xlora --threads 1   # xlora_forward, xlora_generate (~6 min)
     python benchmarks/bench.py --child shira_switch_merged peftkit_lora   # a SHiRA case's LoRA reference alone
     PYTHONPATH=/path/to/checkout/src python benchmarks/bench.py   # measure another peftkit tree
                                                                    # (its path and git commit are printed)
@@ -155,6 +156,16 @@ draw the same init from the same seed, so their outputs are compared exactly.
                       sample (1 warm-up call); peftkit / peft: PeftModel.generate, base: the plain model's
                       generate. Checked: peftkit's 4 x 32 new tokens equal peft's exactly, every call of a child
                       gives the same tokens (and Llama-Adapter's equal the base's).
+
+X-LoRA cases (group xlora): 4 LoRA experts (r=16, alpha=32, all linear layers, random B) saved by the child's own
+library, XLoraConfig(task_type="CAUSAL_LM") with PEFT's defaults (classifier depth 1, dense softmax, scaling pass
+value 0), the classifier's weights drawn from one fixed seed in both libraries; peft's model has use_cache=False
+(it refuses the cache). Children peftkit, peft, base (the plain model).
+  xlora_forward       eval forward under no_grad, batch 4 x 128. Notes: logits agreement and the floor
+                      (backbone + base) / peft: any exact X-LoRA forward runs the backbone for the scaling pass and
+                      the full model for the real pass.
+  xlora_generate      as <m>_generate (4 prompts x 16 tokens, 32 new tokens, greedy); peft regenerates the whole
+                      sequence through both passes at every step, peftkit keeps a cache per pass.
 
 Noise on shared cores: when a co-tenant loads one of the two vCPUs, 2-thread GEMMs wait on
 the slow thread and steps run up to ~10x slower for seconds at a time. Interleaving keeps the
@@ -1381,7 +1392,8 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
             "prompt_tuning": f"{PROMPT_VIRTUAL_TOKENS} virtual tokens x hidden",
             "p_tuning": f"{PROMPT_VIRTUAL_TOKENS} virtual tokens + MLP encoder, width {PTUNING_ENCODER_HIDDEN}",
             "prefix": f"{PROMPT_VIRTUAL_TOKENS} virtual tokens x 2 x layers x hidden",
-            "adaption_prompt": f"adapter_len {ADAPTION_LEN} x hidden + 1 gate, {ADAPTION_LAYERS} layers"}[method]
+            "adaption_prompt": f"adapter_len {ADAPTION_LEN} x hidden + 1 gate, {ADAPTION_LAYERS} layers",
+            "xlora": "the classifier"}[method]
     for sc in step_cases:
         params = per_lib(sc, "trainable_params", first_round=True)
         if params:
