@@ -226,3 +226,18 @@ def test_adapters_kwarg_overrides_saved_experts(experts, ids, tmp_path):
     assert loaded.base_model.expert_names == ["a", "b"]
     with torch.no_grad():
         assert not torch.allclose(loaded(input_ids=ids).logits, mine(input_ids=ids).logits)
+
+
+def test_experts_saved_by_peft(tmp_path, ids):
+    """LoRA experts trained and saved with PEFT work as experts, mixed exactly as PEFT's X-LoRA mixes them."""
+    adapters = {}
+    for i, targets in enumerate((["q_proj", "v_proj"], ["k_proj", "down_proj"])):
+        torch.manual_seed(20 + i)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lora = peft.get_peft_model(make_base(), peft.LoraConfig(r=2 + i, target_modules=targets, init_lora_weights=False))
+            lora.save_pretrained(str(tmp_path / str(i)))
+        adapters[str(i)] = str(tmp_path / str(i))
+    theirs, mine = pair(adapters, layerwise_scalings=True)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
