@@ -228,3 +228,25 @@ def test_unsupported_combinations_fail_cleanly(config, error, match):
     assert [(n, type(m)) for n, m in model.named_modules()] == names_before
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in state_before.items())
+
+
+def _first_layer_grad(pm, x) -> torch.Tensor:
+    pm.train()
+    pm(input_ids=x, labels=x).loss.backward()
+    return _layer(pm).lora_A["default"].weight.grad.clone()
+
+
+def test_training_after_an_eval_forward_keeps_gradients():
+    # bitsandbytes repacks 4-bit weights for CPU inference on an eval forward (on CPUs with AVX512-BF16);
+    # that path has no backward, so peftkit unpacks them when the model trains again
+    x = ids()
+    torch.manual_seed(0)
+    fresh = peftkit.get_peft_model(quantized_llama("nf4"), _lora(peftkit))
+    expected = _first_layer_grad(fresh, x)
+    torch.manual_seed(0)
+    used = peftkit.get_peft_model(quantized_llama("nf4"), _lora(peftkit))
+    used.eval()
+    logits(used, x)
+    # (bitsandbytes' unpacking re-rounds the block scales, hence the relative tolerance)
+    got = _first_layer_grad(used, x)
+    assert (got - expected).norm() < 0.02 * expected.norm()

@@ -252,6 +252,8 @@ class AdapterLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.ops.quant is not None and self.training:
+            self.ops.quant.ready_for_backward(self.base_layer)
         if self._disable_adapters or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
         names = current_adapter_names()

@@ -45,6 +45,9 @@ class QuantBackend:
         """The floating dtype the weight had before quantization (used when dequantizing a model)."""
         return torch.float32
 
+    def ready_for_backward(self, module: nn.Module) -> None:
+        """Put the layer's storage in a form whose forward has a backward (a no-op for most formats)."""
+
     def label(self, module: nn.Module) -> str:
         return self.name
 
@@ -74,6 +77,11 @@ class Bnb4bit(QuantBackend):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
             w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+
+    def ready_for_backward(self, module: nn.Module) -> None:
+        # bitsandbytes 0.50's CPU-repacked path (gemv_4bit) has no backward: the input gradient is lost
+        # (or an in-place bias add fails), so a layer repacked by an eval forward is unpacked for training
+        self._standard_layout(module)
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         import bitsandbytes as bnb
@@ -184,6 +192,14 @@ def backend_for(module: nn.Module) -> QuantBackend | None:
         if backend.matches(module):
             return backend
     return None
+
+
+def ready_for_training(model: nn.Module) -> None:
+    """Make every quantized layer of ``model`` able to pass gradients back (see ``ready_for_backward``)."""
+    for module in model.modules():
+        backend = backend_for(module)
+        if backend is not None:
+            backend.ready_for_backward(module)
 
 
 def describe(module: nn.Module) -> str:

@@ -22,7 +22,7 @@ from ..registry import MethodSpec, get_method
 from .base_ops import is_transformers_conv1d, linear_types, ops_for
 from .context import BASE_ADAPTER, forward_options
 from .layer import AdapterLayer
-from .quantized import backend_for, dequantize_model, describe, full_precision_linear
+from .quantized import backend_for, dequantize_model, describe, full_precision_linear, ready_for_training
 from .targeting import ALL_LINEAR, _matches_list, expand_all_linear, is_target, no_match_error
 from .wrappers import ModulesToSaveWrapper
 
@@ -89,6 +89,12 @@ class AdapterModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+    def train(self, mode: bool = True) -> AdapterModel:
+        super().train(mode)
+        if mode:  # quantized layers repacked for inference by an eval forward get a layout with a backward
+            ready_for_training(self.model)
+        return self
 
     # ------------------------------------------------------------------ calls
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
