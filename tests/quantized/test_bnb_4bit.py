@@ -250,3 +250,19 @@ def test_training_after_an_eval_forward_keeps_gradients():
     # (bitsandbytes' unpacking re-rounds the block scales, hence the relative tolerance)
     got = _first_layer_grad(used, x)
     assert (got - expected).norm() < 0.02 * expected.norm()
+
+
+def test_prepare_model_for_kbit_training():
+    model = quantized_llama("nf4")
+    model.model.norm.to(torch.bfloat16)
+    packed = model.get_submodule("model.layers.0.self_attn.q_proj").weight
+    prepared = peftkit.prepare_model_for_kbit_training(model)
+    assert prepared is model and model.is_gradient_checkpointing
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.model.norm.weight.dtype == torch.float32 and packed.dtype == torch.uint8
+    pm = peftkit.get_peft_model(model, _lora(peftkit, init_lora_weights=True))
+    pm.train()
+    x = ids()
+    pm(input_ids=x, labels=x).loss.backward()
+    grad = _layer(pm).lora_B["default"].weight.grad  # layer 0: the gradient crossed every checkpointed block
+    assert grad is not None and grad.abs().sum() > 0

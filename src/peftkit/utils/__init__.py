@@ -2,5 +2,7 @@
 
 from ..mapping import get_peft_model_state_dict, set_peft_model_state_dict
 from ..types import PeftType, TaskType
+from .kbit import prepare_model_for_kbit_training
 
-__all__ = ["PeftType", "TaskType", "get_peft_model_state_dict", "set_peft_model_state_dict"]
+__all__ = ["PeftType", "TaskType", "get_peft_model_state_dict", "prepare_model_for_kbit_training",
+           "set_peft_model_state_dict"]
