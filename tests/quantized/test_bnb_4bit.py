@@ -266,3 +266,24 @@ def test_prepare_model_for_kbit_training():
     pm(input_ids=x, labels=x).loss.backward()
     grad = _layer(pm).lora_B["default"].weight.grad  # layer 0: the gradient crossed every checkpointed block
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_transformers_4bit_model_trains_and_dequantizes_to_a_plain_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ._models import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q, device_map="cpu")
+    pm = peftkit.get_peft_model(base, _lora(peftkit, target_modules="all-linear"))
+    assert isinstance(_layer(pm), peftkit.LoraLayer) and isinstance(_layer(pm).base_layer, bnb.nn.Linear4bit)
+    pm.train()
+    x = ids()
+    pm(input_ids=x, labels=x).loss.backward()
+    adapted = logits(pm, x)
+    full = pm.merge_and_unload(dequantize=True)
+    assert not full.is_loaded_in_4bit and getattr(full.config, "quantization_config", None) is None
+    full.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(logits(reloaded, x), adapted, atol=1e-4)

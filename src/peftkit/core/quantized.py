@@ -245,7 +245,8 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, full_precision_linear(module))
-    for attr, value in (("is_quantized", False), ("hf_quantizer", None)):
+    for attr, value in (("is_quantized", False), ("hf_quantizer", None), ("is_loaded_in_4bit", False),
+                        ("is_loaded_in_8bit", False)):
         if getattr(model, attr, None):
             try:
                 setattr(model, attr, value)
