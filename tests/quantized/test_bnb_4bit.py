@@ -287,3 +287,22 @@ def test_transformers_4bit_model_trains_and_dequantizes_to_a_plain_checkpoint(tm
     full.save_pretrained(tmp_path / "merged")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert torch.allclose(logits(reloaded, x), adapted, atol=1e-4)
+
+
+def test_mixed_adapter_batch_on_4bit():
+    torch.manual_seed(0)
+    pm = peftkit.get_peft_model(quantized_llama("nf4"), _lora(peftkit), adapter_name="a")
+    pm.add_adapter("b", _lora(peftkit))
+    pm.eval()
+    x = ids(batch=3)
+    names = ["a", "b", "__base__"]
+    with torch.no_grad():
+        mixed = pm(input_ids=x, adapter_names=names).logits
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                ref = logits(pm, x[i : i + 1])
+        else:
+            pm.set_adapter(name)
+            ref = logits(pm, x[i : i + 1])
+        assert torch.allclose(mixed[i : i + 1], ref, atol=1e-4)
