@@ -306,3 +306,18 @@ def test_mixed_adapter_batch_on_4bit():
             pm.set_adapter(name)
             ref = logits(pm, x[i : i + 1])
         assert torch.allclose(mixed[i : i + 1], ref, atol=1e-4)
+
+
+def test_eval_train_switches_do_not_drift_the_4bit_weights():
+    pm = peftkit.get_peft_model(quantized_llama("nf4"), _lora(peftkit))
+    base = _layer(pm).base_layer
+    x = ids()
+    pm.eval()
+    first = logits(pm, x)  # bitsandbytes may repack (and round the block scales) here, once
+    w = backend_for(base).dequantize(base)
+    for _ in range(3):
+        pm.train()
+        pm(input_ids=x, labels=x).loss.backward()
+        pm.eval()
+        assert torch.equal(logits(pm, x), first)
+    assert torch.equal(backend_for(base).dequantize(base), w)

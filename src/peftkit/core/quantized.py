@@ -70,13 +70,24 @@ class Bnb4bit(QuantBackend):
             )
 
     def _standard_layout(self, module: nn.Module) -> None:
-        """Undo bitsandbytes' CPU inference repacking (done on an eval forward), as its own saving does;
-        the values stay the same and the next eval forward repacks."""
-        w = module.weight
-        if getattr(w.quant_state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        """Undo bitsandbytes' CPU inference repacking (done by an eval forward on CPUs with AVX512-BF16).
 
-            w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+        The repacking rounds the block scales to bfloat16 once; bitsandbytes' own inverse then re-quantizes
+        them (8-bit, nested), which changes the weight again at every eval/train switch. Here the bfloat16
+        scales the packed kernel used are kept, un-nested in float32, so unpacking is exact and repacking
+        them is too: the weight changes at most once, on the first eval forward, as it does without adapters.
+        """
+        w = module.weight
+        state = w.quant_state
+        if not getattr(state, "packing_format_for_cpu", False):
+            return
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        absmax = state.absmax.t().reshape(-1).float()  # packed: (K / blocksize, N) in bfloat16
+        state.original_nested = False
+        w.data, state = _convert_weight_packed_for_cpu_inverse(w.data, state)
+        state.absmax = absmax
+        w.quant_state = state
 
     def ready_for_backward(self, module: nn.Module) -> None:
         # bitsandbytes 0.50's CPU-repacked path (gemv_4bit) has no backward: the input gradient is lost
