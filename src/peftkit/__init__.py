@@ -57,6 +57,7 @@ LoKrModel = AdapterModel
 LoHaModel = AdapterModel
 
 __all__ = [
+    "prepare_model_for_kbit_training",
     "AdapterLayer",
     "AdaptionPromptConfig",
     "BOFTConfig",

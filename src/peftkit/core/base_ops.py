@@ -4,7 +4,9 @@ Each gives the layer's sizes and a 2-D view of its weight in the canonical
 ``(out_features, fan_in)`` layout, so a method's merge is one code path for every kind:
 ``nn.Linear`` (out, in); transformers ``Conv1D`` stores (in, out) and is viewed transposed;
 ``nn.Embedding`` (num, dim) is a linear map from one-hot ids, viewed as (dim, num);
-``nn.ConvNd`` (out, in, *k) is viewed as (out, in·prod(k)).
+``nn.ConvNd`` (out, in, *k) is viewed as (out, in·prod(k)). A quantized linear layer
+(bitsandbytes 4-/8-bit, torchao int8) is kind "linear" with a ``quant`` backend
+(``core/quantized.py``): its weight is read as a dequantized copy and written back by requantizing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .quantized import QuantBackend, backend_for
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class BaseOps:
         out_features: output features (embedding_dim, out_channels).
         transposed: the stored weight is (in, out) (transformers Conv1D).
         conv_dim: 1, 2 or 3 for convolutions, else 0.
+        quant: the backend of a quantized linear layer, else None.
     """
 
     kind: str
@@ -32,9 +37,15 @@ class BaseOps:
     out_features: int
     transposed: bool = False
     conv_dim: int = 0
+    quant: QuantBackend | None = None
 
     def weight2d(self, layer: nn.Module) -> torch.Tensor:
-        """The base weight as an (out, fan_in) view that writes through to the layer."""
+        """The base weight as an (out, fan_in) view that writes through to the layer.
+
+        For a quantized layer: a float32 dequantized copy (write it back with ``quant.requantize``).
+        """
+        if self.quant is not None:
+            return self.quant.dequantize(layer)
         w = layer.weight
         if self.kind == "linear":
             return w.t() if self.transposed else w
@@ -52,6 +63,9 @@ _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 def ops_for(module: nn.Module) -> BaseOps | None:
     """The ops for a module, or None when no adapter can wrap it."""
+    quant = backend_for(module)
+    if quant is not None:
+        return BaseOps("linear", module.in_features, module.out_features, quant=quant)
     if isinstance(module, nn.Linear):
         return BaseOps("linear", module.in_features, module.out_features)
     if is_transformers_conv1d(module):

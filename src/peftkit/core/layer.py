@@ -9,8 +9,9 @@ unmerge, enable / disable, set and delete adapters, dtype and device following.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from .base_ops import BaseOps, ops_for
 from .context import BASE_ADAPTER, current_adapter_names, group_rows
+from .quantized import describe, warn_rounding
 
 
 class BufferDict(nn.Module):
@@ -63,6 +65,9 @@ class AdapterLayer(nn.Module):
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "embedding", "conv")
     # Saved tensors whose size comes from the file when loading (not from the config).
     file_sized_attrs: ClassVar[tuple[str, ...]] = ()
+    # Whether the method can adapt quantized linear layers (its forward adds to ``base_layer(x)``
+    # and its merge goes through the dequantized weight).
+    quantized_ok: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module, ops: BaseOps | None = None) -> None:
         super().__init__()
@@ -70,6 +75,10 @@ class AdapterLayer(nn.Module):
         ops = ops or ops_for(base_layer)
         if ops is None or ops.kind not in self.supported_kinds:
             raise TypeError(f"{type(self).__name__} cannot wrap a {type(base_layer).__name__}.")
+        if ops.quant is not None:
+            if not self.quantized_ok:
+                raise TypeError(f"{type(self).__name__} cannot adapt a quantized {describe(base_layer)} layer.")
+            ops.quant.check(base_layer)
         self.ops = ops
         self.in_features = ops.in_features
         self.out_features = ops.out_features
@@ -80,7 +89,8 @@ class AdapterLayer(nn.Module):
     @classmethod
     def can_wrap(cls, module: nn.Module) -> bool:
         """Whether this layer class can wrap ``module`` (by default: its base-layer kind is supported)."""
-        return getattr(ops_for(module), "kind", None) in cls.supported_kinds
+        ops = ops_for(module)
+        return ops is not None and ops.kind in cls.supported_kinds and (ops.quant is None or cls.quantized_ok)
 
     # ------------------------------------------------------------------ the method's part
     def create(self, adapter: str, config: Any, **per_layer: Any) -> None:
@@ -183,9 +193,17 @@ class AdapterLayer(nn.Module):
         return w if isinstance(w, torch.Tensor) else next(self.base_layer.parameters())
 
     def adapter_dtype(self) -> torch.dtype:
-        """Adapter weights are kept in float32 over a half-precision base (stable training)."""
+        """Adapter weights are kept in float32 over a half-precision or quantized base (stable training)."""
         dtype = self.anchor.dtype
+        if self.ops.quant is not None or not dtype.is_floating_point:
+            return torch.float32
         return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def base_dtype(self) -> torch.dtype:
+        """The floating dtype of the base weight (for a quantized layer: the dtype it was quantized from)."""
+        if self.ops.quant is not None:
+            return self.ops.quant.dtype(self.base_layer)
+        return self.anchor.dtype
 
     def add_adapter(self, adapter: str, config: Any, *, device: torch.device | str | None = None, **kw: Any) -> None:
         """Create one adapter and make its trainability follow the active set."""
@@ -234,6 +252,8 @@ class AdapterLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.ops.quant is not None and self.training:
+            self.ops.quant.ready_for_backward(self.base_layer)
         if self._disable_adapters or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
         names = current_adapter_names()
@@ -280,6 +300,19 @@ class AdapterLayer(nn.Module):
     def _weight2d(self) -> torch.Tensor:
         return self.ops.weight2d(self.base_layer)
 
+    @contextlib.contextmanager
+    def _editable_weight(self) -> Iterator[torch.Tensor]:
+        """The (out, fan_in) weight to change in place; a quantized layer gets a dequantized copy,
+        requantized on a clean exit (with a rounding warning) and left untouched on an error."""
+        quant = self.ops.quant
+        if quant is None:
+            yield self._weight2d()
+            return
+        w = quant.dequantize(self.base_layer)
+        yield w
+        warn_rounding(self.base_layer)
+        quant.requantize(self.base_layer, w)
+
     def check_merge(self, adapter_names: Sequence[str]) -> None:
         """Raise if merging these adapters would put a non-finite value into the weight."""
         with torch.no_grad():
@@ -308,11 +341,16 @@ class AdapterLayer(nn.Module):
         names = [a for a in names if a not in self.merged_adapters]
         if safe_merge:
             self.check_merge(names)
-        with torch.no_grad():
-            w = self._weight2d()
+        if not names:
+            return
+        quantized = self.ops.quant is not None
+        with torch.no_grad(), self._editable_weight() as w:
             for adapter in names:
                 self._merge_one(adapter, w, 1.0)
-                self.merged_adapters.append(adapter)
+                if not quantized:
+                    self.merged_adapters.append(adapter)
+        if quantized:  # requantized only now: before this the layer was unchanged
+            self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Take merged adapters back out of the base weight, last merged first."""
@@ -320,17 +358,28 @@ class AdapterLayer(nn.Module):
             warnings.warn("Nothing to unmerge: no adapter is merged.")
             return
         self.check_unmerge(self.merged_adapters)
-        with torch.no_grad():
-            w = self._weight2d()
+        with torch.no_grad(), self._editable_weight() as w:
             while self.merged_adapters:
                 self._merge_one(self.merged_adapters.pop(), w, -1.0)
+
+    def merged_weight(self, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+        """The (out, fan_in) weight with these adapters (default: the active ones) merged in, as a new
+        tensor (for a quantized layer: dequantized, not requantized); the base bias takes their bias changes."""
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        names = [a for a in names if a in self.adapters and a not in self.merged_adapters]
+        with torch.no_grad():
+            w = self._weight2d()
+            w = w.clone() if self.ops.quant is None else w
+            for adapter in names:
+                self._merge_one(adapter, w, 1.0)
+        self.merged_adapters.extend(names)
+        return w
 
     def swap_merged(self, adapter: str) -> None:
         """Replace whatever is merged here by ``adapter``, in one pass over the weight where the method can."""
         present = adapter in self.adapters
         self.check_unmerge(self.merged_adapters)
-        with torch.no_grad():
-            w = self._weight2d()
+        with torch.no_grad(), self._editable_weight() as w:
             if not (present and self.swap_into(self.merged_adapters, adapter, w)):
                 while self.merged_adapters:
                     self._merge_one(self.merged_adapters.pop(), w, -1.0)

@@ -22,6 +22,7 @@ from ..registry import MethodSpec, get_method
 from .base_ops import is_transformers_conv1d, linear_types, ops_for
 from .context import BASE_ADAPTER, forward_options
 from .layer import AdapterLayer
+from .quantized import backend_for, dequantize_model, describe, full_precision_linear, ready_for_training
 from .targeting import ALL_LINEAR, _matches_list, expand_all_linear, is_target, no_match_error
 from .wrappers import ModulesToSaveWrapper
 
@@ -88,6 +89,12 @@ class AdapterModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+    def train(self, mode: bool = True) -> AdapterModel:
+        super().train(mode)
+        if mode:  # quantized layers repacked for inference by an eval forward get a layout with a backward
+            ready_for_training(self.model)
+        return self
 
     # ------------------------------------------------------------------ calls
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
@@ -213,6 +220,12 @@ class AdapterModel(nn.Module):
             if isinstance(module, AdapterLayer):
                 if not isinstance(module, layer_cls):
                     raise TypeError(f"{key} already holds a {type(module).__name__}; cannot add {layer_cls.__name__}.")
+            elif backend_for(module) is not None and not layer_cls.quantized_ok:
+                raise TypeError(
+                    f"Target module {key} is a quantized {describe(module)} layer; {config.peft_type} cannot adapt "
+                    "quantized layers (LoRA, LoHa, LoKr and IA3 can). Load the base model unquantized, or narrow "
+                    "target_modules."
+                )
             elif not layer_cls.can_wrap(module):
                 raise TypeError(
                     f"Target module {key} is a {type(module).__name__}; {config.peft_type} adapts "
@@ -418,26 +431,46 @@ class AdapterModel(nn.Module):
         self.active_adapter = adapter_name
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Sequence[str] | None = None,
+        dequantize: bool = False,
     ) -> nn.Module:
-        """Merge adapters into the base weights and return the plain model."""
+        """Merge adapters into the base weights and return the plain model.
+
+        Args:
+            progressbar: show a progress bar.
+            safe_merge: check every merged weight for NaN/inf first; on failure nothing changes.
+            adapter_names: the adapters to merge (default: the active ones).
+            dequantize: (peftkit only; PEFT has no such option) return a full-precision model: every
+                quantized linear layer (bitsandbytes 4-/8-bit, torchao int8), adapted or not, becomes an
+                ``nn.Linear`` in the dtype it was quantized from, and adapters are merged into the
+                dequantized weight without requantizing (no merge rounding). Without it, merging into a
+                quantized layer requantizes the merged weight (rounded, with a warning).
+        """
         if adapter_names is not None:
             self._check_adapters(adapter_names)
         layers = [layer for _, layer in self.adapter_layers()]
         if safe_merge:
             self._check_safe_merge(layers, adapter_names)
-        return self._unload(merge=True, progressbar=progressbar, adapter_names=adapter_names)
+        model = self._unload(merge=True, progressbar=progressbar, adapter_names=adapter_names, dequantize=dequantize)
+        return dequantize_model(model) if dequantize else model
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original model."""
         self.unmerge_adapter()
         return self._unload(merge=False)
 
-    def _unload(self, merge: bool, progressbar: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    def _unload(
+        self, merge: bool, progressbar: bool = False, adapter_names: Sequence[str] | None = None, dequantize: bool = False
+    ) -> nn.Module:
         wrappers = list(self.wrappers())
         desc = "Unloading and merging model" if merge else "Unloading model"
         for key, module in tqdm(wrappers, disable=not progressbar, desc=desc):
-            if isinstance(module, AdapterLayer):
+            if isinstance(module, AdapterLayer) and dequantize and module.ops.quant is not None:
+                replacement = full_precision_linear(module.base_layer, module.merged_weight(adapter_names))
+            elif isinstance(module, AdapterLayer):
                 if merge:
                     module.merge(adapter_names=adapter_names)
                 replacement = module.base_layer

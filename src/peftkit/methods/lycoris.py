@@ -28,6 +28,7 @@ class LycorisLayer(AdapterLayer):
     """An ``AdapterLayer`` whose adapter attributes are ParameterDicts of plain factor tensors."""
 
     supported_kinds = ("linear", "conv")
+    quantized_ok = True
     method_name: ClassVar[str] = ""
 
     def __init__(self, base_layer: nn.Module, ops: Any = None) -> None:

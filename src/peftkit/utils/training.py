@@ -89,11 +89,16 @@ def prepare_model_for_kbit_training(
     Returns:
         The same model.
     """
+    from ..core.quantized import backend_for, ready_for_training
+
     kwargs = dict(gradient_checkpointing_kwargs or {})
     method = str(getattr(model, "quantization_method", None) or "").lower()
     method = method.split(".")[-1]  # a QuantizationMethod enum prints as its value or as Enum.NAME
-    in_kbit = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
-    keeps_dtype = method in _NO_UPCAST_METHODS or getattr(model, "hqq_quantized", False)
+    backends = [backend_for(m) for m in model.modules()]
+    backends = [b for b in backends if b is not None]  # quantized layers, also ones not made by transformers
+    in_kbit = bool(backends) or bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+    keeps_dtype = (method in _NO_UPCAST_METHODS or getattr(model, "hqq_quantized", False)
+                   or any(type(b).__name__ == "TorchaoInt8" for b in backends))
 
     for param in model.parameters():
         param.requires_grad = False
@@ -102,6 +107,7 @@ def prepare_model_for_kbit_training(
             if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
                 param.data = param.data.to(torch.float32)
 
+    ready_for_training(model)  # 4-bit layers an eval forward repacked get their trainable layout back
     if (in_kbit or keeps_dtype) and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True):
             enable_input_require_grads(model)

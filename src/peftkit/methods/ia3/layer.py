@@ -31,6 +31,7 @@ class IA3Layer(AdapterLayer):
     adapter_attrs = ("ia3_l",)
     other_attrs = ("feedforward",)
     supported_kinds = ("linear", "conv")
+    quantized_ok = True
 
     def __init__(self, base_layer: nn.Module, ops: Any = None) -> None:
         super().__init__(base_layer, ops)
@@ -169,7 +170,7 @@ class IA3Layer(AdapterLayer):
         # Below this |l| (0 included) the merged entries are 0 or lost to underflow in the weight's dtype,
         # and dividing them out gives inf/NaN or noise: 1e-8 (PEFT's division guard) or the dtype's
         # smallest normal number, whichever is larger.
-        return max(torch.finfo(self.base_layer.weight.dtype).tiny, 1e-8)
+        return max(torch.finfo(self.base_dtype()).tiny, 1e-8)
 
     def _check_invertible(self, adapters: Sequence[str]) -> None:
         floor = self._unmerge_floor()

@@ -251,7 +251,7 @@ class LoHaLayer(LycorisLayer):
         return bypass < dense
 
     def _can_fold(self) -> bool:
-        return self.base_layer.weight.dtype == self.adapter_dtype()
+        return self.ops.quant is None and self.base_layer.weight.dtype == self.adapter_dtype()
 
     # ------------------------------------------------------------------ dropout draws (PEFT's order)
     def _row_scale(self, adapter: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

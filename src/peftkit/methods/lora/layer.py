@@ -21,6 +21,7 @@ class LoraLayer(AdapterLayer):
     """LoRA on a Linear, transformers Conv1D, Embedding or Conv1d/2d/3d base layer."""
 
     prefix = "lora_"
+    quantized_ok = True
     adapter_attrs = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_attrs = ("lora_dropout", "r", "lora_alpha", "scaling", "lora_bias", "use_dora", "_dora_merge_norm")
 
@@ -49,6 +50,12 @@ class LoraLayer(AdapterLayer):
         kind = self.ops.kind
         if config.lora_bias and kind == "embedding":
             raise ValueError("lora_bias=True is not supported on embedding layers.")
+        if self.ops.quant is not None and (config.use_dora or _changes_base(config.init_lora_weights)):
+            what = "use_dora=True" if config.use_dora else f"init_lora_weights={config.init_lora_weights!r}"
+            raise ValueError(
+                f"{what} on a quantized base layer is not supported by peftkit: use plain LoRA on the quantized "
+                "model, or load the base model unquantized."
+            )
         if config.lora_bias and getattr(base, "bias", None) is None:
             warnings.warn(f"lora_bias=True on a {type(base).__name__} without bias: this adapter will not merge.")
         device = device if device is not None else base.weight.device
@@ -214,6 +221,8 @@ class LoraLayer(AdapterLayer):
     def _fusable(self) -> bool:
         """Only the stock layers: a subclass (quantized, hooked) keeps its own forward."""
         base = self.base_layer
+        if self.ops.quant is not None:
+            return False
         return self.ops.kind == "linear" and (type(base) is nn.Linear or (self.ops.transposed and type(base).__name__ == "Conv1D"))
 
     def adapt(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
