@@ -20,7 +20,7 @@ is the task's own expert), draws the per-token heat map of one held-out prompt o
 (``peftkit.methods.xlora.plot``), generates a few tokens for each prompt with X-LoRA, and saves
 the X-LoRA model, so the heat maps can be redrawn with the CLI:
 
-    python examples/xlora_experts.py                      # defaults: about 9 min on 1 thread
+    python examples/xlora_experts.py                      # defaults: about 7 min on 1 thread (idle CPU)
     python examples/xlora_experts.py --threads 2 --expert-steps 20 --xlora-steps 20
     make example-xlora EXAMPLE_ARGS="--threads 2"
     peftkit xlora-plot --adapter out/xlora-example/xlora --prompt "ROMEO:" --out romeo.png
@@ -29,9 +29,40 @@ Everything is written under ``--out`` (default ``out/xlora-example/``): ``routin
 tables), ``scalings_shakespeare.png``, ``scalings_instruct.png``, the experts
 (``expert_shakespeare/``, ``expert_instruct/``) and the X-LoRA model (``xlora/``).
 
-Measured (defaults, 1 thread on a shared 2-core CPU; see the report at the end of a run):
+Measured with the defaults (1 thread, a 2-core CPU shared with other jobs; transformers 5.23,
+torch 2.13), total 430 s: load 39, base eval 9, expert shakespeare 89 (2.2 s/step), expert
+instruct 100 (2.5 s/step), X-LoRA eval 20 + 20, gate training 123 (3.1 s/step: the scaling pass
+comes on top), heat maps and generation 7. Under heavier load the same run took 850 s.
 
-    RESULTS_PLACEHOLDER
+Mean scalings per task, held-out inputs (12 each), every token, mean over layers; after 40 steps
+of the gate (lr 1e-2, depth 1, softmax, temperature 1; the untrained gate in brackets):
+
+    | task        | weight: instruct | weight: shakespeare | top expert = own | own, predicting positions | own, position 0 |
+    | shakespeare | 0.058 (0.618)    | 0.942 (0.382)       | 95.2% (30.8%)    | 0.941                     | 1.000           |
+    | instruct    | 0.909 (0.436)    | 0.091 (0.564)       | 91.1% (38.0%)    | 0.854                     | 0.000           |
+
+Held-out loss (per token with a loss):
+
+    | model                  | shakespeare | instruct |
+    | base                   | 4.542       | 3.389    |
+    | expert shakespeare     | 3.465       | 3.758    |
+    | expert instruct        | 4.491       | 2.994    |
+    | X-LoRA, untrained gate | 3.663       | 3.193    |
+    | X-LoRA, trained gate   | 3.461       | 3.157    |
+
+The gate sends each task's tokens to its own expert, and X-LoRA matches the Shakespeare expert on
+Shakespeare. On instructions it stays 0.16 above the instruct expert: position 0 goes to the
+Shakespeare expert for every input (last column). There the gate has no context (the first
+token's hidden state sees that token alone) and routes both tasks alike, yet, as the attention
+sink, the first token's keys/values reach every later token: with the gate of an earlier,
+identical run, forcing position 0 to the instruct expert gave 2.992 on instructions but 3.834 on
+Shakespeare, so the gate's choice is the better compromise for the mix. A deeper gate
+(``--xlora-depth 2``) or a higher lr (3e-2) route the same way (instruct 3.162 and 3.154).
+
+Generation (greedy, 24 tokens): the Shakespeare prompt continues "'Tis not the people of Rome,
+but the people of / the city of Rome? / 'We have"; the instruction "Identify the programming
+language used to write the given code" (a C ``printf`` snippet) is answered "C", then the model
+starts a new "### Instruction:".
 """
 
 from __future__ import annotations
