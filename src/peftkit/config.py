@@ -88,13 +88,17 @@ class PeftConfig:
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` (``inference_mode`` is written as true, as PEFT does)."""
+        """Write ``adapter_config.json`` (``inference_mode`` is written as true, as PEFT does).
+
+        The top-level keys are sorted; nested dicts keep their order, which carries meaning
+        (``rank_pattern``: the first matching key wins; X-LoRA's ``adapters``: the experts' order).
+        """
         os.makedirs(save_directory, exist_ok=True)
         d = self.to_dict()
         d["inference_mode"] = True
         from .io.serialization import atomic_write_text
 
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(d, indent=2, sort_keys=True))
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(dict(sorted(d.items())), indent=2))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PeftConfig:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import peftkit
+from peftkit import XLoraConfig
 from peftkit.methods.xlora.cache import xlora_cache_class
 
 from .conftest import make_base
@@ -241,3 +242,38 @@ def test_experts_saved_by_peft(tmp_path, ids):
     theirs, mine = pair(adapters, layerwise_scalings=True)
     with torch.no_grad():
         torch.testing.assert_close(mine(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep_originals", [True, False])
+def test_expert_order_survives_saving(expert_dir, ids, tmp_path, keep_originals):
+    """The adapters' order (not alphabetical here) is the classifier's column order, also after a reload."""
+    adapters = {}
+    for name, new in (("0", "zeta"), ("1", "alpha")):
+        dst = tmp_path / "experts" / new
+        shutil.copytree(expert_dir / f"expert_{name}", dst)
+        adapters[new] = str(dst)
+    mine = ours(adapters, layerwise_scalings=True)
+    mine.save_pretrained(str(tmp_path / "saved"))
+    if not keep_originals:  # the sub-folders are the experts
+        shutil.rmtree(tmp_path / "experts")
+    else:  # the original folders are the experts
+        for i in (0, 1):
+            shutil.rmtree(tmp_path / "saved" / str(i))
+    loaded = _reload_equal(mine, str(tmp_path / "saved"), ids)
+    assert loaded.base_model.expert_names == ["zeta", "alpha"]
+
+
+def test_numbered_experts_follow_their_numbers():
+    from peftkit.methods.xlora.model import XLoraModel
+
+    names = sorted(str(i) for i in range(12))  # PEFT writes them sorted as text: "0", "1", "10", "11", "2", ...
+    config = XLoraConfig(adapters={n: f"/nowhere/{n}" for n in names})
+    config = XLoraModel.loading_config(config, "/nowhere")
+    assert list(config.adapters) == [str(i) for i in range(12)]
+    assert [c[0][0] for c in config._expert_sources] == [f"/nowhere/{i}" for i in range(12)]
+
+
+def test_numbered_experts_out_of_order_are_refused(experts):
+    paths = experts("0", "1")
+    with pytest.raises(ValueError, match="in order"):
+        ours({"1": paths["1"], "0": paths["0"]})

@@ -27,6 +27,7 @@ from ...config import PeftConfig
 from ...core.context import forward_memo, forward_options
 from ...core.tuner import AdapterModel
 from ...types import PeftType
+from ...utils.training import checkpointing_is_on
 from ..lora.layer import LoraLayer
 from .cache import xlora_cache_class
 from .classifier import XLoraClassifier, expert_weights
@@ -146,6 +147,9 @@ class XLoraModel(AdapterModel):
         from ...io.hub import resolve_file
         from ...config import CONFIG_NAME
 
+        if _numbered(list(config.adapters)):  # PEFT writes its "0", "1", ..., "10" sorted as text
+            config.adapters = {str(i): config.adapters[str(i)] for i in range(len(config.adapters))}
+
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         base = os.path.join(kwargs["subfolder"], "") if kwargs.get("subfolder") else ""
         sources = []
@@ -190,7 +194,7 @@ class XLoraModel(AdapterModel):
         """The scaling pass, the classifier, then ``call`` (the model's forward) with the predicted weights."""
         if not self._enabled:
             return call(*args, **kwargs)
-        if torch.is_grad_enabled() and self.model.training and getattr(self.model, "is_gradient_checkpointing", False):
+        if torch.is_grad_enabled() and self.model.training and checkpointing_is_on(self.model):
             raise ValueError("X-LoRA cannot train under gradient checkpointing: the layers recomputed in backward "
                              "would not see the per-token expert weights. Call gradient_checkpointing_disable().")
         kwargs = dict(kwargs)
@@ -376,6 +380,10 @@ def _prepared(config: XLoraConfig, model: nn.Module) -> XLoraConfig:
     vars(config).update(extras)
     if not config.adapters:
         raise ValueError("XLoraConfig.adapters is empty: name the trained LoRA experts, {name: adapter folder}.")
+    names = list(config.adapters)
+    if _numbered(names) and names != [str(i) for i in range(len(names))]:
+        raise ValueError(f"Experts named by numbers must be given in order, '0', '1', ... (got {names}): the numbers "
+                         "name the saved sub-folders, as in PEFT. Reorder XLoraConfig.adapters or use other names.")
     _check_top_k(config.top_k_lora, len(config.adapters))
     mc = getattr(model, "config", None)
     text = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
@@ -388,6 +396,11 @@ def _prepared(config: XLoraConfig, model: nn.Module) -> XLoraConfig:
         raise ValueError(f"XLoraConfig.hidden_size={config.hidden_size} but the model's hidden size is {width}: "
                          f"set hidden_size={width} (or leave it unset).")
     return config
+
+
+def _numbered(names: list[str]) -> bool:
+    """Names "0".."n-1" in any order (PEFT's expert names)."""
+    return sorted(names) == sorted(str(i) for i in range(len(names)))
 
 
 def _load_experts(model: nn.Module, sources: list[list[tuple[str, str | None]]], hub: dict[str, Any]) -> _Experts:
