@@ -1476,7 +1476,8 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
             line += f"; peftkit tokens == peft tokens: {eq}" + ("" if eq else f" ({diff} of {GEN_BATCH * GEN_NEW} differ)")
         if BASE in toks and "peftkit" in toks:
             line += f"; == base's: {toks['peftkit'] == toks[BASE]}" + (
-                " (gates 0 at init: expected)" if method == "adaption_prompt" else " (virtual tokens act: expected False)")
+                " (gates 0 at init: expected)" if method == "adaption_prompt"
+                else " (the experts act: expected False)" if method == "xlora" else " (virtual tokens act: expected False)")
         out.append(line)
     mem = [c for c in sh if c["case"] == mem_case]
     if mem:
