@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .types import PeftType, TaskType
@@ -75,6 +75,15 @@ class PeftConfig:
         if getattr(self, "layers_pattern", None) and getattr(self, "layers_to_transform", 0) is None:
             raise ValueError("layers_pattern has no effect without layers_to_transform: set both or neither.")
 
+    def copy(self) -> PeftConfig:
+        """A copy to adjust for one model (the caller's object stays as it was), instance extras such as
+        SHiRA's ``mask_fn`` included."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        extras = {k: v for k, v in vars(self).items() if k not in fields}
+        config = dataclasses.replace(self)
+        vars(config).update(extras)
+        return config
+
     # ----------------------------------------------------------------- dict / JSON
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -137,7 +146,3 @@ class PeftConfig:
 
         path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
         return cls.from_json_file(path)
-
-    @property
-    def is_prompt_learning(self) -> bool:
-        return False

@@ -8,7 +8,6 @@ method: the registry tells it which layer class to build and how.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import PeftConfig
 from ..registry import MethodSpec, get_method
-from .base_ops import is_transformers_conv1d, linear_types, ops_for
+from .base_ops import is_transformers_conv1d, linear_types
 from .context import BASE_ADAPTER, forward_options
 from .layer import AdapterLayer
 from .quantized import backend_for, dequantize_model, describe, full_precision_linear, ready_for_training
@@ -158,10 +157,7 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------------ building
     def prepare_config(self, config: PeftConfig, spec: MethodSpec) -> PeftConfig:
-        fields = {f.name for f in dataclasses.fields(config)}
-        extras = {k: v for k, v in vars(config).items() if k not in fields}  # e.g. SHiRA's mask_fn
-        config = dataclasses.replace(config)  # the caller's object stays as it was
-        vars(config).update(extras)
+        config = config.copy()
         targets = getattr(config, "target_modules", None)
         if targets is None and spec.default_targets is not None:
             model_type = getattr(getattr(self.model, "config", None), "model_type", None)

@@ -14,7 +14,6 @@ virtual tokens too.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -79,7 +78,7 @@ class PromptModel(AdapterModel):
 
     def prepare_config(self, config: PeftConfig, spec: Any = None) -> PeftConfig:
         """A copy of ``config`` with the model's sizes filled in (as PEFT records them)."""
-        config = dataclasses.replace(config)
+        config = config.copy()
         mc = _model_config(self.model)
         if config.num_layers is None:  # the attribute first: BART maps num_hidden_layers to encoder_layers
             config.num_layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None) or _first(

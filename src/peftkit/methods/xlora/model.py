@@ -13,7 +13,6 @@ root, each expert in sub-folder ``<i>/`` as a plain LoRA adapter.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import warnings
@@ -375,9 +374,7 @@ def _check_top_k(value: int | None, n: int) -> None:
 
 def _prepared(config: XLoraConfig, model: nn.Module) -> XLoraConfig:
     """A copy of the config with the model's hidden size filled in and checked."""
-    extras = {k: v for k, v in vars(config).items() if k not in {f.name for f in dataclasses.fields(config)}}
-    config = dataclasses.replace(config)
-    vars(config).update(extras)
+    config = config.copy()
     if not config.adapters:
         raise ValueError("XLoraConfig.adapters is empty: name the trained LoRA experts, {name: adapter folder}.")
     names = list(config.adapters)
