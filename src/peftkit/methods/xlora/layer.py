@@ -63,14 +63,13 @@ class XLoraLayer(LoraLayer):
         if w is not None:
             h = self._expert_hidden(x, a)  # (..., R)
             wc = w.index_select(-1, cols).to(h.dtype)  # (..., R) or (R,)
-            if wc.dim() > 1:
-                if wc.shape[:-1] != h.shape[:-1]:
-                    if wc.numel() != h.numel():
-                        raise ValueError(
-                            f"X-LoRA scalings cover {tuple(wc.shape[:-1])} tokens but this layer got input of shape "
-                            f"{tuple(x.shape)}: the layers must see (batch, seq, ...) inputs."
-                        )
-                    wc = wc.reshape(h.shape)
+            if wc.dim() > 1 and wc.shape[:-1] != h.shape[:-1]:  # a layer that sees the tokens flattened
+                if wc.numel() != h.numel():
+                    raise ValueError(
+                        f"X-LoRA scalings cover {tuple(wc.shape[:-1])} tokens but this layer got input of shape "
+                        f"{tuple(x.shape)}: the layers must see (batch, seq, ...) inputs."
+                    )
+                wc = wc.reshape(h.shape)
             out = _add_scaled(out, h * wc, b, None, 1.0)
         if bias is not None and gate.bias_weight != 0:
             out = out + (bias * gate.bias_weight).to(out.dtype)

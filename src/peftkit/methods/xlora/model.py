@@ -143,8 +143,8 @@ class XLoraModel(AdapterModel):
             config.adapters = {str(k): str(v) for k, v in dict(kwargs["adapters"]).items()}
             config._expert_sources = [[(p, None)] for p in config.adapters.values()]
             return config
-        from ...io.hub import resolve_file
         from ...config import CONFIG_NAME
+        from ...io.hub import resolve_file
 
         if _numbered(list(config.adapters)):  # PEFT writes its "0", "1", ..., "10" sorted as text
             config.adapters = {str(i): config.adapters[str(i)] for i in range(len(config.adapters))}
