@@ -220,7 +220,8 @@ class XLoraModel(AdapterModel):
         gsw, value = config.global_scaling_weight, config.scaling_pass_value
         if not value:
             return Gate(None, gsw)
-        full = torch.full((len(config.adapters),), float(value))
+        device = self.internal_xlora_classifier.layers[0].weight.device
+        full = torch.full((len(config.adapters),), float(value), device=device)
         return Gate(expert_weights(full, config.top_k_lora, config.enable_softmax_topk) * gsw, gsw)
 
     def _last_hidden_state(self, kwargs: dict[str, Any], cache: Any) -> torch.Tensor:
