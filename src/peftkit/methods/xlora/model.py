@@ -13,10 +13,11 @@ root, each expert in sub-folder ``<i>/`` as a plain LoRA adapter.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +27,6 @@ from ...config import PeftConfig
 from ...core.context import forward_memo, forward_options
 from ...core.tuner import AdapterModel
 from ...types import PeftType
-from ...utils.training import checkpointing_is_on
 from ..lora.layer import LoraLayer
 from .cache import xlora_cache_class
 from .classifier import XLoraClassifier, expert_weights
@@ -193,9 +193,6 @@ class XLoraModel(AdapterModel):
         """The scaling pass, the classifier, then ``call`` (the model's forward) with the predicted weights."""
         if not self._enabled:
             return call(*args, **kwargs)
-        if torch.is_grad_enabled() and self.model.training and checkpointing_is_on(self.model):
-            raise ValueError("X-LoRA cannot train under gradient checkpointing: the layers recomputed in backward "
-                             "would not see the per-token expert weights. Call gradient_checkpointing_disable().")
         kwargs = dict(kwargs)
         if args:
             if len(args) > 1:
@@ -211,9 +208,28 @@ class XLoraModel(AdapterModel):
         shared = scalings if config.layerwise_scalings else scalings[:, :, :1]
         weights = expert_weights(shared, config.top_k_lora, config.enable_softmax_topk)
         gsw = config.global_scaling_weight
-        with forward_options(None, owner=self):
-            forward_memo()["xlora"] = Gate(weights * gsw if gsw != 1 else weights, gsw)
+        gate = Gate(weights * gsw if gsw != 1 else weights, gsw)
+        with forward_options(None, owner=self), self._gate_in_recomputation(gate):
+            forward_memo()["xlora"] = gate
             return call(**kwargs)
+
+    @contextlib.contextmanager
+    def _gate_in_recomputation(self, gate: Gate) -> Iterator[None]:
+        """Under gradient checkpointing, the layers recomputed in backward (after this call) see the gate too.
+
+        transformers checkpoints a block through the block's ``_gradient_checkpointing_func``; for the
+        call, that function is wrapped so the function it stores for recomputation sets the gate first.
+        """
+        grad = torch.is_grad_enabled() and self.model.training
+        owners = [m for m in self.model.modules() if "_gradient_checkpointing_func" in vars(m)] if grad else []
+        originals = [vars(m)["_gradient_checkpointing_func"] for m in owners]
+        for module, checkpoint in zip(owners, originals):
+            module._gradient_checkpointing_func = _gated_checkpoint(checkpoint, gate, self)
+        try:
+            yield
+        finally:
+            for module, checkpoint in zip(owners, originals):
+                module._gradient_checkpointing_func = checkpoint
 
     def _scaling_pass_gate(self) -> Gate:
         config = self.xlora_config
@@ -360,6 +376,22 @@ class XLoraModel(AdapterModel):
         model = self.lora_model.unload()
         model.__dict__.pop("peft_config", None)
         return model
+
+
+def _gated_checkpoint(checkpoint: Any, gate: Gate, owner: XLoraModel) -> Any:
+    """``checkpoint`` whose function sets the gate when it runs (in forward, and again when backward
+    recomputes it); the gate's weights go in as an input, so their gradient leaves through the checkpoint."""
+
+    def run(function: Any, *args: Any, **kwargs: Any) -> Any:
+        def gated(*a: Any, **k: Any) -> Any:
+            *inputs, weights = a
+            with forward_options(None, owner=owner):
+                forward_memo()["xlora"] = Gate(weights, gate.bias_weight)
+                return function(*inputs, **k)
+
+        return checkpoint(gated, *args, gate.weights, **kwargs)
+
+    return run
 
 
 def _no_adapter_names(adapter_names: Any) -> None:
