@@ -277,3 +277,16 @@ def test_numbered_experts_out_of_order_are_refused(experts):
     paths = experts("0", "1")
     with pytest.raises(ValueError, match="in order"):
         ours({"1": paths["1"], "0": paths["0"]})
+
+
+def test_auto_peft_model_loads_an_xlora_folder(experts, ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_base().save_pretrained(str(tmp_path / "base"))
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    mine = peftkit.get_peft_model(base, XLoraConfig(task_type="CAUSAL_LM", adapters=experts("0", "1"))).eval()
+    mine.save_pretrained(str(tmp_path / "xlora"))
+    loaded = peftkit.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "xlora"))
+    assert isinstance(loaded, peftkit.PeftModelForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, mine(input_ids=ids).logits)

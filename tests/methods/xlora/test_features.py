@@ -359,3 +359,15 @@ def test_gpt2_conv1d_experts(tmp_path):
     assert torch.equal(model.generate(input_ids=ids, **gen), model.generate(input_ids=ids, use_cache=False, **gen))
     with torch.no_grad():
         assert (model(input_ids=ids).logits - gpt2()(input_ids=ids).logits).abs().max() > 1e-4
+
+
+def test_inputs_embeds_and_masked_batches(experts, ids):
+    model = build(experts("0", "1"), layerwise_scalings=True)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        by_ids = model(input_ids=ids, attention_mask=mask).logits
+        embeds = model.get_base_model().get_input_embeddings()(ids)
+        by_embeds = model(inputs_embeds=embeds, attention_mask=mask).logits
+    torch.testing.assert_close(by_embeds, by_ids)
+    assert model.get_latest_scalings().shape[:2] == ids.shape
