@@ -134,3 +134,28 @@ def test_shira_bf16_on_gpu() -> None:
     batch = _on(inputs("llama"))
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, ref(**batch).logits, rtol=2e-2, atol=2e-2)
+
+
+def test_xlora_on_gpu_matches_cpu_and_caches(tmp_path) -> None:
+    """X-LoRA on the GPU: the same logits as on the CPU; cached generation equals uncached."""
+    import peftkit
+    from tests.methods.xlora.conftest import EXPERTS, make_base
+
+    adapters = {}
+    for name in ("0", "1"):
+        torch.manual_seed(int(name))
+        lora = peftkit.get_peft_model(make_base(), peftkit.LoraConfig(init_lora_weights=False, **EXPERTS[name]))
+        lora.save_pretrained(str(tmp_path / name))
+        adapters[name] = str(tmp_path / name)
+    config = dict(task_type="CAUSAL_LM", adapters=adapters, layerwise_scalings=True, scaling_pass_value=0.5)
+    cpu = peftkit.get_peft_model(make_base(), peftkit.XLoraConfig(**config)).eval()
+    gpu = peftkit.get_peft_model(make_base(), peftkit.XLoraConfig(**config)).eval()
+    gpu.base_model.internal_xlora_classifier.load_state_dict(cpu.base_model.internal_xlora_classifier.state_dict())
+    gpu.to(CUDA)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(input_ids=ids.to(CUDA)).logits.cpu(), cpu(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = gpu.generate(input_ids=ids.to(CUDA), **gen)
+    assert torch.equal(cached, gpu.generate(input_ids=ids.to(CUDA), use_cache=False, **gen))
