@@ -50,11 +50,10 @@ class LoraLayer(AdapterLayer):
         kind = self.ops.kind
         if config.lora_bias and kind == "embedding":
             raise ValueError("lora_bias=True is not supported on embedding layers.")
-        if self.ops.quant is not None and (config.use_dora or _changes_base(config.init_lora_weights)):
-            what = "use_dora=True" if config.use_dora else f"init_lora_weights={config.init_lora_weights!r}"
+        if self.ops.quant is not None and _changes_base(config.init_lora_weights):
             raise ValueError(
-                f"{what} on a quantized base layer is not supported by peftkit: use plain LoRA on the quantized "
-                "model, or load the base model unquantized."
+                f"init_lora_weights={config.init_lora_weights!r} on a quantized base layer is not supported by "
+                "peftkit: use another init on the quantized model, or load the base model unquantized."
             )
         if config.lora_bias and getattr(base, "bias", None) is None:
             warnings.warn(f"lora_bias=True on a {type(base).__name__} without bias: this adapter will not merge.")
