@@ -324,11 +324,8 @@ def test_eval_train_switches_do_not_drift_the_4bit_weights():
 
 @pytest.mark.parametrize("kind", KINDS_4BIT)
 def test_dora_on_4bit_is_the_dora_formula_over_the_dequantized_weight(kind):
-    """DoRA over the weight the 4-bit layer computes with: out = m/‖W + sBA‖ ⊙ x(W + sBA)ᵀ.
-
-    (PEFT is not the oracle here: on CPU its DoRA dequantizes with bitsandbytes' dequantize_4bit, which
-    does not reproduce what bitsandbytes 0.50's CPU layer computes.)
-    """
+    """DoRA over the weight the 4-bit layer computes with: out = m/‖W + sBA‖ ⊙ x(W + sBA)ᵀ, also in eval mode
+    (where PEFT's DoRA dequantizes the CPU-repacked weights with dequantize_4bit, which gives another weight)."""
     pm = peftkit.get_peft_model(quantized_llama(kind), _lora(peftkit, use_dora=True))
     layer = _layer(pm)
     x = torch.randn(2, 5, layer.in_features)
@@ -378,3 +375,17 @@ def test_dora_on_4bit_trains_merges_and_dequantizes():
     full = pm.merge_and_unload(dequantize=True)
     assert not any(backend_for(m) is not None for m in full.modules())
     torch.testing.assert_close(logits(full, x), adapted, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS_4BIT)
+def test_dora_on_4bit_matches_peft_in_training(kind):
+    """Before any eval forward repacks the weights, PEFT's DoRA on 4-bit layers is the oracle: same outputs."""
+    cfg = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "init_lora_weights": False, "use_dora": True}
+    mine = peftkit.get_peft_model(quantized_llama(kind), peftkit.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(quantized_llama(kind), peft.LoraConfig(**cfg))
+    result = peftkit.set_peft_model_state_dict(mine, peft.get_peft_model_state_dict(theirs))
+    assert not result.missing_keys and not result.unexpected_keys
+    mine.train()
+    theirs.train()
+    x = ids()
+    torch.testing.assert_close(logits(mine, x), logits(theirs, x), atol=1e-5, rtol=1e-5)
