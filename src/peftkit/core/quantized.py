@@ -17,6 +17,7 @@ class of its weight, and the library is imported when a weight has to be rebuilt
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,16 +79,25 @@ class Bnb4bit(QuantBackend):
         them is too: the weight changes at most once, on the first eval forward, as it does without adapters.
         """
         w = module.weight
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            w.data, w.quant_state = self._unpacked(module)
+
+    def _unpacked(self, module: nn.Module) -> tuple[torch.Tensor, Any]:
+        """The weight's data and quant state in the standard layout, without changing the layer."""
+        import copy
+
+        w = module.weight
         state = w.quant_state
         if not getattr(state, "packing_format_for_cpu", False):
-            return
+            return w.data, state
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         absmax = state.absmax.t().reshape(-1).float()  # packed: (K / blocksize, N) in bfloat16
+        state = copy.copy(state)  # the inverse rewrites the state's fields
         state.original_nested = False
-        w.data, state = _convert_weight_packed_for_cpu_inverse(w.data, state)
+        data, state = _convert_weight_packed_for_cpu_inverse(w.data, state)
         state.absmax = absmax
-        w.quant_state = state
+        return data, state
 
     def ready_for_backward(self, module: nn.Module) -> None:
         # bitsandbytes 0.50's CPU-repacked path (gemv_4bit) has no backward: the input gradient is lost
@@ -97,9 +107,8 @@ class Bnb4bit(QuantBackend):
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         import bitsandbytes as bnb
 
-        self._standard_layout(module)
-        w = module.weight
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+        data, state = self._unpacked(module)  # an eval forward's CPU packing stays in place
+        return bnb.functional.dequantize_4bit(data, state).float()
 
     def requantize(self, module: nn.Module, w: torch.Tensor) -> None:
         import bitsandbytes as bnb
