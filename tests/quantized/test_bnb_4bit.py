@@ -389,3 +389,20 @@ def test_dora_on_4bit_matches_peft_in_training(kind):
     theirs.train()
     x = ids()
     torch.testing.assert_close(logits(mine, x), logits(theirs, x), atol=1e-5, rtol=1e-5)
+
+
+def test_dora_norm_on_4bit_is_cached_in_inference(monkeypatch):
+    pm = peftkit.get_peft_model(quantized_llama("nf4"), _lora(peftkit, use_dora=True, target_modules=["q_proj"]))
+    pm.eval()
+    x = ids()
+    first = logits(pm, x)
+    layer = _layer(pm)
+    calls = []
+    original = type(layer.ops.quant).dequantize
+    monkeypatch.setattr(type(layer.ops.quant), "dequantize", lambda self, m: calls.append(1) or original(self, m))
+    torch.testing.assert_close(logits(pm, x), first)
+    assert not calls  # the weight norm came from the cache: nothing dequantized
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(2)  # a changed adapter: the norm is computed again
+    logits(pm, x)
+    assert calls

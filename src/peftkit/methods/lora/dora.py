@@ -30,12 +30,22 @@ class Magnitude(nn.Module):
         self._norm_cache: tuple[tuple, torch.Tensor] | None = None
         self._wsq_cache: tuple[tuple, torch.Tensor] | None = None
 
-    def direction_norm(self, w2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-        """``‖W + s·BA‖`` per row, detached, cached while W, A and B are unchanged."""
-        key = (w2d._version, w2d.data_ptr(), a._version, b._version, a.data_ptr(), b.data_ptr(), scale)
+    def direction_norm(
+        self, w2d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, stored: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``‖W + s·BA‖`` per row, detached, cached while W, A and B are unchanged.
+
+        ``w2d`` may be a function giving W: it is called only when the norm must be computed. W's
+        identity for the cache is ``stored`` (the tensor W is read from, e.g. a quantized layer's
+        packed weight), else W itself.
+        """
+        ref = stored if stored is not None else w2d
+        wkey = (ref._version, ref.data_ptr())
+        key = (*wkey, a._version, b._version, a.data_ptr(), b.data_ptr(), scale)
         if self._norm_cache is not None and self._norm_cache[0] == key:
             return self._norm_cache[1]
-        wkey = (w2d._version, w2d.data_ptr())
+        if callable(w2d) and not isinstance(w2d, torch.Tensor):
+            w2d = w2d()
         if self._wsq_cache is None or self._wsq_cache[0] != wkey:
             with torch.no_grad():
                 self._wsq_cache = (wkey, w2d.float().pow(2).sum(1))

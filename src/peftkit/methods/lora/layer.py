@@ -303,7 +303,11 @@ class LoraLayer(AdapterLayer):
         scale = self.scaling[adapter]
         a, b = self._factors(adapter)
         mag = self.lora_magnitude_vector[adapter]
-        factor = mag.weight.view(-1) / mag.direction_norm(self._weight2d(), a, b, scale)  # (out,)
+        if self.ops.quant is None:
+            norm = mag.direction_norm(self._weight2d(), a, b, scale)
+        else:  # dequantize only when the norm is not cached (on the packed weight's version)
+            norm = mag.direction_norm(self._weight2d, a, b, scale, stored=self.base_layer.weight)
+        factor = mag.weight.view(-1) / norm  # (out,)
         f = channel_view(factor, out, 1 if self.ops.kind == "conv" else -1)
         bias = getattr(self.base_layer, "bias", None)
         bias = None if bias is None else channel_view(bias, out, 1 if self.ops.kind == "conv" else -1)
