@@ -406,3 +406,26 @@ def test_dora_norm_on_4bit_is_cached_in_inference(monkeypatch):
         layer.lora_B["default"].weight.mul_(2)  # a changed adapter: the norm is computed again
     logits(pm, x)
     assert calls
+
+
+def test_xlora_over_a_4bit_model(tmp_path):
+    """X-LoRA's experts mix on 4-bit layers: its output is base_q + the weighted experts, and the
+    cached generation equals the uncached one."""
+    adapters = {}
+    for i, targets in enumerate((["q_proj", "v_proj"], ["v_proj", "down_proj"])):
+        torch.manual_seed(i)
+        expert = peftkit.get_peft_model(quantized_llama("nf4"), _lora(peftkit, target_modules=targets))
+        expert.save_pretrained(str(tmp_path / str(i)))
+        adapters[f"e{i}"] = str(tmp_path / str(i))
+    model = peftkit.get_peft_model(quantized_llama("nf4"), peftkit.XLoraConfig(task_type="CAUSAL_LM", adapters=adapters))
+    model.eval()
+    x = ids()
+    with torch.no_grad():
+        mixed = model(input_ids=x).logits
+        with model.disable_adapter():
+            plain = model(input_ids=x).logits
+    assert (mixed - plain).abs().max() > 1e-3
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(input_ids=x, **gen), model.generate(input_ids=x, use_cache=False, **gen))
+    layer = _layer(model)
+    assert backend_for(layer.base_layer) is not None and type(layer).__name__ == "XLoraLayer"
