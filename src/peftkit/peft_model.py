@@ -191,6 +191,8 @@ class PeftModel(nn.Module):
             state = get_peft_model_state_dict(
                 self, state_dict=kwargs.get("state_dict"), adapter_name=name, save_embedding_layers=save_embedding_layers
             )
+            # companion files (X-LoRA's experts) are gathered on every rank too, and written on the main one
+            self.base_model.save_companions(folder, name, safe_serialization=safe_serialization, write=is_main_process)
             if not is_main_process:
                 continue
             config = self.peft_config[name]
@@ -201,7 +203,6 @@ class PeftModel(nn.Module):
             os.makedirs(folder, exist_ok=True)
             save_state_dict(state, folder, safe_serialization=safe_serialization)
             config.save_pretrained(folder)
-            self.base_model.save_companions(folder, name, safe_serialization=safe_serialization)
 
     # ------------------------------------------------------------------ loading
     @classmethod

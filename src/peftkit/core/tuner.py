@@ -182,8 +182,9 @@ class AdapterModel(nn.Module):
         """Checkpoint key -> ``io.keys.Slot`` for tensors the engine itself holds (none here)."""
         return {}
 
-    def save_companions(self, folder: str, adapter_name: str, safe_serialization: bool = True) -> None:
-        """Write files an adapter needs besides its own config and tensors (none here)."""
+    def save_companions(self, folder: str, adapter_name: str, safe_serialization: bool = True, write: bool = True) -> None:
+        """Write files an adapter needs besides its own config and tensors (none here); every rank of a
+        distributed run calls this (tensors may need gathering), the one with ``write`` writes."""
 
     @classmethod
     def loading_config(cls, config: PeftConfig, model_id: Any, **kwargs: Any) -> PeftConfig:

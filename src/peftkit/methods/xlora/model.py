@@ -328,7 +328,7 @@ class XLoraModel(AdapterModel):
         prefix = "base_model.internal_xlora_classifier."
         return {prefix + sub: Slot(owner, leaf, prefix + sub) for sub, owner, leaf in _tensors(self.internal_xlora_classifier)}
 
-    def save_companions(self, folder: str, adapter: str, safe_serialization: bool = True) -> None:
+    def save_companions(self, folder: str, adapter: str, safe_serialization: bool = True, write: bool = True) -> None:
         """Write each expert, as its current LoRA adapter, to ``<folder>/<i>/``."""
         from ...io.serialization import save_state_dict
         from ...mapping import get_peft_model_state_dict
@@ -336,6 +336,8 @@ class XLoraModel(AdapterModel):
         for i in range(len(self.expert_names)):
             sub = os.path.join(folder, str(i))
             state = get_peft_model_state_dict(self.lora_model, adapter_name=str(i), save_embedding_layers=False)
+            if not write:
+                continue
             os.makedirs(sub, exist_ok=True)
             save_state_dict(state, sub, safe_serialization=safe_serialization)
             self.lora_model.peft_config[str(i)].save_pretrained(sub)
