@@ -44,7 +44,7 @@ class Magnitude(nn.Module):
         key = (*wkey, a._version, b._version, a.data_ptr(), b.data_ptr(), scale)
         if self._norm_cache is not None and self._norm_cache[0] == key:
             return self._norm_cache[1]
-        if callable(w2d) and not isinstance(w2d, torch.Tensor):
+        if not isinstance(w2d, torch.Tensor):
             w2d = w2d()
         if self._wsq_cache is None or self._wsq_cache[0] != wkey:
             with torch.no_grad():

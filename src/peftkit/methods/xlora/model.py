@@ -112,8 +112,8 @@ class XLoraModel(AdapterModel):
         return list(self.xlora_config.adapters)
 
     def _number_layers(self) -> list[XLoraLayer]:
-        layers = [layer for _, layer in self.lora_model.adapter_layers()]
-        for i, (name, layer) in enumerate(self.lora_model.adapter_layers()):
+        named = list(self.lora_model.adapter_layers())
+        for i, (name, layer) in enumerate(named):
             if layer.ops.kind == "conv":
                 raise TypeError(f"X-LoRA mixes experts on Linear, Conv1D and Embedding layers; {name} is a "
                                 f"{type(layer.base_layer).__name__}. Train the experts without convolution targets.")
@@ -121,7 +121,7 @@ class XLoraModel(AdapterModel):
             if dora:
                 raise ValueError(f"X-LoRA cannot mix DoRA experts ({dora}): use plain LoRA experts.")
             layer.xlora_index = i
-        return layers
+        return [layer for _, layer in named]
 
     def _freeze_experts(self) -> None:
         config = self.xlora_config
