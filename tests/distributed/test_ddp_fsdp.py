@@ -4,6 +4,9 @@ the adapter saved from the sharded model loads in one process and in PEFT with t
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -18,10 +21,45 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+_GLOO_PROBE = textwrap.dedent("""
+    import os, sys, tempfile
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+    def member(rank, init_file):
+        dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        assert t.item() == 2
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(member, args=(os.path.join(tempfile.mkdtemp(), "init"),), nprocs=2)
+""")
+
+
+def gloo_unusable(folder) -> str | None:
+    """Why two local processes cannot form a gloo group here (a sandbox without loopback TCP), or None."""
+    script = folder / "gloo_probe.py"
+    script.write_text(_GLOO_PROBE)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    try:
+        done = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        return "a 2-process gloo all_reduce did not finish in 120 s"
+    if done.returncode == 0:
+        return None
+    tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+    return f"a 2-process gloo all_reduce failed (exit {done.returncode}): {tail}"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> str:
     import torch.multiprocessing as mp
 
+    why = gloo_unusable(tmp_path_factory.mktemp("probe"))
+    if why:
+        pytest.skip(f"this machine cannot run torch.distributed on loopback: {why}")
     out = str(tmp_path_factory.mktemp("dist"))
     mp.spawn(workers.worker, args=(os.path.join(out, "init"), out), nprocs=workers.WORLD, join=True)
     return out

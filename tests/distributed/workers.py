@@ -113,6 +113,7 @@ def run(rank: int, mode: str, method: str, out: str) -> None:
 
 def worker(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one host: bind to loopback, not whatever the hostname names
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         for mode in MODES:
