@@ -53,16 +53,33 @@ def gloo_unusable(folder) -> str | None:
     return f"a 2-process gloo all_reduce failed (exit {done.returncode}): {tail}"
 
 
+def launch_workers(out: str) -> subprocess.CompletedProcess:
+    """The two ranks, started from a fresh interpreter (``python -m tests.distributed.workers OUT``)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run(
+        [sys.executable, "-m", "tests.distributed.workers", out], cwd=root, check=False, capture_output=True,
+        text=True, timeout=900,
+    )
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> str:
-    import torch.multiprocessing as mp
-
     why = gloo_unusable(tmp_path_factory.mktemp("probe"))
     if why:
         pytest.skip(f"this machine cannot run torch.distributed on loopback: {why}")
-    out = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(workers.worker, args=(os.path.join(out, "init"), out), nprocs=workers.WORLD, join=True)
-    return out
+    killed = []
+    for _ in range(2):
+        out = str(tmp_path_factory.mktemp("dist"))
+        done = launch_workers(out)
+        if done.returncode == 0:
+            return out
+        log = (done.stderr or done.stdout).strip()
+        if "ProcessRaisedException" in log or "terminated with signal" not in log:
+            pytest.fail(f"a rank failed:\n{log[-4000:]}")  # a Python error in the training or checks: a real failure
+        killed.append(log.splitlines()[-1])
+    # both attempts lost a rank to a signal before any Python error (seen once in a sandbox: gloo's C++
+    # threads aborting with "terminate called without an active exception"): the machine, not the code
+    pytest.skip(f"gloo ranks were killed by a signal twice: {killed}")
 
 
 @pytest.mark.parametrize("method", workers.METHODS)

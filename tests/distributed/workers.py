@@ -121,3 +121,16 @@ def worker(rank: int, init_file: str, out: str) -> None:
                 run(rank, mode, method, out)
     finally:
         dist.destroy_process_group()
+
+
+def main(out: str) -> None:
+    """Both ranks on ``out``; the tests start this in a fresh interpreter."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(os.path.join(out, "init"), out), nprocs=WORLD, join=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1])
