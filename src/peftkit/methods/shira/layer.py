@@ -59,8 +59,11 @@ class ShiraLayer(AdapterLayer):
             indices = positions_from_mask(mask, weight, k, name or type(self.base_layer).__name__).to(device)
         elif config.mask_type == "random":
             flat = random_positions(weight.numel(), k, layer_seed(config.random_seed, name))
+            if weight.numel() < 2**31:  # int32 arithmetic: the indices are stored as int32 anyway
+                flat = flat.to(torch.int32)
             cols = weight.shape[1]
-            indices = torch.stack([flat // cols, flat % cols]).to(device=device, dtype=torch.int32)
+            rows = torch.div(flat, cols, rounding_mode="floor")
+            indices = torch.stack([rows, flat - rows * cols]).to(device=device, dtype=torch.int32)
         else:
             raise ValueError(
                 f"ShiraConfig(mask_type={config.mask_type!r}) needs a mask function: set config.mask_fn = "

@@ -45,11 +45,9 @@ def random_positions(numel: int, k: int, seed: int) -> torch.Tensor:
     pos = pos[: int(torch.searchsorted(pos, numel))]
     extra = pos.numel() - k
     if extra > 0:
-        drop = _distinct(pos.numel(), extra, gen).sort().values
-        # the j-th kept entry sits at j + (number of dropped entries before it)
-        keep = torch.arange(k)
-        keep += torch.searchsorted(drop - torch.arange(extra), keep, right=True)
-        return pos[keep]
+        keep = torch.ones(pos.numel(), dtype=torch.bool)
+        keep[_distinct(pos.numel(), extra, gen)] = False
+        return torch.masked_select(pos, keep)  # stays sorted
     if extra < 0:
         taken = torch.zeros(numel, dtype=torch.bool)
         taken[pos] = True
