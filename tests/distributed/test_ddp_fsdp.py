@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -21,30 +20,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-_GLOO_PROBE = textwrap.dedent("""
-    import os, sys, tempfile
-    import torch, torch.distributed as dist, torch.multiprocessing as mp
-
-    def member(rank, init_file):
-        dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
-        t = torch.ones(1)
-        dist.all_reduce(t)
-        assert t.item() == 2
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        mp.spawn(member, args=(os.path.join(tempfile.mkdtemp(), "init"),), nprocs=2)
-""")
+def launch(out: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -m tests.distributed.workers OUT [args]``: the two ranks, from a fresh interpreter."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run(
+        [sys.executable, "-m", "tests.distributed.workers", out, *args], cwd=root, check=False,
+        capture_output=True, text=True, timeout=timeout,
+    )
 
 
-def gloo_unusable(folder) -> str | None:
+def gloo_unusable(out: str) -> str | None:
     """Why two local processes cannot form a gloo group here (a sandbox without loopback TCP), or None."""
-    script = folder / "gloo_probe.py"
-    script.write_text(_GLOO_PROBE)
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
     try:
-        done = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True, text=True,
-                              timeout=120)
+        done = launch(out, "--probe", timeout=120)
     except subprocess.TimeoutExpired:
         return "a 2-process gloo all_reduce did not finish in 120 s"
     if done.returncode == 0:
@@ -53,24 +41,15 @@ def gloo_unusable(folder) -> str | None:
     return f"a 2-process gloo all_reduce failed (exit {done.returncode}): {tail}"
 
 
-def launch_workers(out: str) -> subprocess.CompletedProcess:
-    """The two ranks, started from a fresh interpreter (``python -m tests.distributed.workers OUT``)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return subprocess.run(
-        [sys.executable, "-m", "tests.distributed.workers", out], cwd=root, check=False, capture_output=True,
-        text=True, timeout=900,
-    )
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> str:
-    why = gloo_unusable(tmp_path_factory.mktemp("probe"))
+    why = gloo_unusable(str(tmp_path_factory.mktemp("probe")))
     if why:
         pytest.skip(f"this machine cannot run torch.distributed on loopback: {why}")
     killed = []
     for _ in range(2):
         out = str(tmp_path_factory.mktemp("dist"))
-        done = launch_workers(out)
+        done = launch(out)
         if done.returncode == 0:
             return out
         log = (done.stderr or done.stdout).strip()

@@ -111,10 +111,25 @@ def run(rank: int, mode: str, method: str, out: str) -> None:
     torch.save(logits, os.path.join(folder, f"logits-rank{rank}.pt"))
 
 
-def worker(rank: int, init_file: str, out: str) -> None:
+def join_group(rank: int, init_file: str) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one host: bind to loopback, not whatever the hostname names
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+
+
+def probe_member(rank: int, init_file: str, out: str) -> None:
+    """One all_reduce: can two local processes form a gloo group here at all?"""
+    join_group(rank, init_file)
+    try:
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        assert t.item() == WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def worker(rank: int, init_file: str, out: str) -> None:
+    join_group(rank, init_file)
     try:
         for mode in MODES:
             for method in METHODS:
@@ -123,14 +138,14 @@ def worker(rank: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def main(out: str) -> None:
-    """Both ranks on ``out``; the tests start this in a fresh interpreter."""
+def main(out: str, probe: bool = False) -> None:
+    """Both ranks on ``out`` (or the probe alone); the tests start this in a fresh interpreter."""
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=(os.path.join(out, "init"), out), nprocs=WORLD, join=True)
+    mp.spawn(probe_member if probe else worker, args=(os.path.join(out, "init"), out), nprocs=WORLD, join=True)
 
 
 if __name__ == "__main__":
     import sys
 
-    main(sys.argv[1])
+    main(sys.argv[1], probe="--probe" in sys.argv[2:])
