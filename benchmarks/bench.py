@@ -112,9 +112,16 @@ so the model starts as the base). IA3: IA3Config(all linear layers, feedforward_
 up_proj, down_proj; vectors start at 1). A method that the peftkit under test lacks (no LoKrConfig /
 IA3Config) fails its cases with a message saying so; the other cases still run, the failures are listed
 at the end and the exit status is 1 (this holds for any case whose child dies).
-  lokr_train_step     train_step with LoKr; children peftkit, peft, base. Target ≤ 0.5 × peft LoKr.
+  lokr_train_step     train_step with LoKr; children peftkit, peft, peftkit_lora (LoRA r=16, alpha=32), base.
+                      Target ≤ 0.5 × peft LoKr. LoRA is context: at these shapes LoKr's two small products
+                      (N·(c·d·b + c·b·a) multiply-adds per layer, the cheaper order) are ~1.5x LoRA r=16's
+                      N·r·(in+out), in forward and backward alike.
                       Checked: first-step losses agree (all equal the base's), equal trainable counts.
-  loha_train_step     train_step with LoHa (r=16, alpha=32); children peftkit, peft, base. Target ≤ 0.6 × peft LoHa.
+  loha_train_step     train_step with LoHa (r=16, alpha=32); children peftkit, peft, base, base_ft (the frozen base's
+                      forward + backward that also computes the full gradient of every targeted weight). Target
+                      ≤ 0.6 × peft LoHa. Note: the floor base_ft / peft. An exact LoHa gradient needs each targeted
+                      weight's full gradient Gᵀ X (dL/dW1 = (Gᵀ X) ⊙ W2), or the rank-r² face-splitting route,
+                      which costs more here; so peftkit's LoHa step can be no faster than base_ft.
   loha_train_memory   train_memory with LoHa; children peftkit, peft. Target: peak ≤ peft LoHa.
   lokr_train_memory   train_memory with LoKr; children peftkit, peft. Target: peak ≤ peft LoKr (plus the
                       row above the RSS after imports on CPU, no target).
@@ -234,9 +241,11 @@ CASES = ("train_step", "get_peft_model", "merge_and_unload", "save_load", "train
          *PREFIX_CASES, *ADAPTION_PROMPT_CASES, *XLORA_CASES, *QLORA_CASES)
 LIBS = ("peftkit", "peft")
 BASE = "base"
+# loha_train_step's floor: the frozen base plus the full gradient of every targeted weight (see _floor_notes)
+BASE_FT = "base_ft"
 # Reference children of the SHiRA cases: the same library running LoRA (r=16, alpha=32) instead.
 REF_LIBS = ("peftkit_lora", "peft_lora")
-CHILD_LIBS = (*LIBS, BASE, *REF_LIBS)
+CHILD_LIBS = (*LIBS, BASE, BASE_FT, *REF_LIBS)
 MEMORY_CASES = ("train_memory", "shira_train_memory", "lokr_train_memory", "loha_train_memory", "ia3_train_memory",
                 "oft_train_memory", "boft_train_memory", "qlora_train_memory")
 # In a SHiRA case, "peftkit" and "peft" run SHiRA; the others are references for peftkit's SHiRA.
@@ -250,9 +259,9 @@ SHIRA_LIBS = {
 # Children of every method case (in the LoKr and IA3 cases "peftkit" and "peft" run that method).
 METHOD_LIBS = {
     **SHIRA_LIBS,
-    "lokr_train_step": ["peftkit", "peft", BASE],
+    "lokr_train_step": ["peftkit", "peft", "peftkit_lora", BASE],
     "lokr_train_memory": ["peftkit", "peft"],
-    "loha_train_step": ["peftkit", "peft", BASE],
+    "loha_train_step": ["peftkit", "peft", BASE, BASE_FT],
     "loha_train_memory": ["peftkit", "peft"],
     "ia3_train_step": ["peftkit", "peft", BASE],
     "ia3_train_memory": ["peftkit", "peft"],
@@ -268,7 +277,8 @@ METHOD_LIBS = {
     **{c: ["peftkit", "peft", BASE] for c in XLORA_CASES},
 }
 # Names of the reference children in the method tables ("peftkit"/"peft": "<lib> <method>", see _label).
-LIB_LABELS = {"peftkit_lora": "peftkit LoRA", "peft_lora": "peft LoRA", BASE: "base"}
+LIB_LABELS = {"peftkit_lora": "peftkit LoRA", "peft_lora": "peft LoRA", BASE: "base",
+              BASE_FT: "base + targeted weights' gradients"}
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -658,14 +668,21 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
         """A step function for this lib: a LoRA step, or the frozen base's forward + backward."""
         model = build(SMALL_LAYERS)
         ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1234)).to(device)
-        if lib == BASE:
+        if lib in (BASE, BASE_FT):
             model.requires_grad_(False)
             model.enable_input_require_grads()
             model.train()
+            # base_ft: also every targeted weight's full gradient (fresh each step, no accumulation)
+            weights = [m.weight for n, m in model.named_modules()
+                       if lib == BASE_FT and n.rsplit(".", 1)[-1] in TARGET_MODULES]
+            for w in weights:
+                w.requires_grad_(True)
 
             def step():
                 loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
+                for w in weights:
+                    w.grad = None
                 return loss.detach()
 
         else:
@@ -1224,7 +1241,7 @@ def summarise(children: list[dict], device: str) -> list[dict]:
 
 def _method_refs(libs) -> list[str]:
     """The reference children present, in a fixed order (peftkit's method is the numerator)."""
-    return [lib for lib in ("peft", "peftkit_lora", "peft_lora", BASE) if lib in libs]
+    return [lib for lib in ("peft", "peftkit_lora", "peft_lora", BASE, BASE_FT) if lib in libs]
 
 
 def _vs_row(metric: str, kind: str, ref: str, raw: dict[str, list[float]], ratio: float | None) -> dict:
@@ -1458,6 +1475,16 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
                     floor = f"; floor of peftkit/peft (base/peft, paired) {1 / r:.3f}"
         out.append(f"- {step_case} cost above the frozen base (median per-repeat lib/base - 1): "
                    + ", ".join(parts) + floor)
+    if BASE_FT in over:  # LoHa: dL/dW1 = (Gᵀ X) ⊙ W2 needs each targeted weight's full gradient Gᵀ X
+        by_round = {}
+        for c in sh:
+            if c["case"] == step_case and c["samples"].get(step_case):
+                by_round.setdefault(c["round"], {})[c["lib"]] = c["samples"][step_case]
+        r = _paired(by_round, BASE_FT, "peft")
+        if r is not None:
+            out.append(f"- {step_case} floor: an exact LoHa step needs every targeted weight's full gradient "
+                       f"(dL/dW1 = (GᵀX) ⊙ W2, likewise W2), so it costs at least the base step plus those "
+                       f"gradients ({lab(BASE_FT)}): {lab(BASE_FT)} / peft (paired) = {r:.3f}")
     gen_case = f"{method}_generate"
     toks = {c["lib"]: c["info"]["gen_tokens"] for c in sh if c["case"] == gen_case and "gen_tokens" in c["info"]}
     if toks:
