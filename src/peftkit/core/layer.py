@@ -113,6 +113,28 @@ class AdapterLayer(nn.Module):
         """Base op and one adapter in one step, when the method has a faster path for it (else None)."""
         return None
 
+    def fusable_base(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The base weight as (out, in) and its bias, when a fused kernel may stand in for the base op on ``x``.
+
+        Only a stock layer qualifies (nn.Linear, or transformers Conv1D: a subclass, a quantized
+        layer or one with hooks keeps its own forward), frozen, in ``x``'s dtype; else None.
+        """
+        base = self.base_layer
+        if self.ops.quant is not None or self.ops.kind != "linear":
+            return None
+        if not (type(base) is nn.Linear or (self.ops.transposed and type(base).__name__ == "Conv1D")):
+            return None
+        w, bias = self.ops.weight2d(base), base.bias
+        if (
+            w.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or w.dtype != x.dtype
+            or base._forward_hooks
+            or base._forward_pre_hooks
+        ):
+            return None
+        return w, bias
+
     def forward_active(self, x: torch.Tensor, adapters: Sequence[str], args: tuple, kwargs: dict) -> torch.Tensor | None:
         """Run the base op with these adapters the method's own way (IA3 scales the input first); None: the default."""
         return None

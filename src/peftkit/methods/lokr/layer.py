@@ -2,7 +2,10 @@
 
 With W1 (a, c), W2 (b, d), out = a·b and in = c·d, the identity
 ``kron(W1, W2) vec(X) = vec(W1 X W2ᵀ)`` (X the input row reshaped to (c, d)) turns the
-update into two small matrix products. For a convolution, W2 carries the kernel,
+update into two small matrix products. On a plain linear layer (nn.Linear, Conv1D) they run with
+the base op in one autograd node (``kernels.lokr``: no copies of the activation-sized middle
+product, 0.64 -> 0.60x PEFT's LoKr step in the bench); the dropouts and other layers take the
+general path (``adapt``). For a convolution, W2 carries the kernel,
 (b, d, *k): the input's channels are split into (c, d), W1 mixes the c groups and W2 is an
 ordinary convolution from d to b channels, run with the batch widened by a (or c).
 
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...kernels.lokr import lokr_linear
 from ..lycoris import LycorisLayer
 
 
@@ -176,13 +180,29 @@ class LoKrLayer(LycorisLayer):
             y = y * keep.view(-1, *([1] * (feature_dim - 1)))
         return out + y.to(out.dtype)
 
+    def fused_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Plain linear layers: the base op and LoKr in one autograd node (``kernels.lokr``)."""
+        dropouts = self.training and (self.module_dropout.get(adapter) or self.rank_dropout.get(adapter))
+        if adapter not in self._sides or dropouts:
+            return None  # the dropouts take the general path
+        base = self.fusable_base(x)
+        if base is None or x.dtype != self.adapter_dtype():
+            return None
+        w1 = self._w1(adapter) * self.scaling[adapter]
+        return lokr_linear(x, *base, w1, self._w2(adapter), self._w2_first(adapter))
+
+    def _w2_first(self, adapter: str) -> bool:
+        """Whether X W2ᵀ then W1 (N·c·b·(d + a) multiply-adds) is cheaper than W1 X then W2ᵀ (N·a·d·(c + b))."""
+        a, b, c, d = self._sides[adapter]
+        return c * b * (d + a) <= a * d * (c + b)
+
     def _linear_delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """(..., c·d) -> (..., a·b): vec(W1 X W2ᵀ), in the cheaper of the two orders."""
         a, b, c, d = self._sides[adapter]
         w1 = self._w1(adapter) * self.scaling[adapter]  # the scale on the small factor: no activation-sized pass
         w2 = self._w2(adapter)
         xs = x.reshape(-1, c, d)  # (N, c, d)
-        if c * b * (d + a) <= a * d * (c + b):
+        if self._w2_first(adapter):
             y = torch.matmul(w1, xs @ w2.t())  # (N, c, b) -> (N, a, b)
         else:
             y = torch.matmul(w1, xs) @ w2.t()  # (N, a, d) -> (N, a, b)

@@ -193,36 +193,24 @@ class LoraLayer(AdapterLayer):
 
     def fused_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
         """Training path for plain linear layers: one autograd node for base + adapter (LoRA or DoRA)."""
-        if not self._fusable or not torch.is_grad_enabled() or adapter not in self.lora_A:
+        if not torch.is_grad_enabled() or adapter not in self.lora_A:
             return None
         a_mod, b_mod = self.lora_A[adapter], self.lora_B[adapter]
-        base = self.base_layer
-        w, bias = self.ops.weight2d(base), base.bias
+        base = self.fusable_base(x)
         if (
-            b_mod.bias is not None
-            or w.requires_grad
-            or (bias is not None and bias.requires_grad)
+            base is None
+            or b_mod.bias is not None
             or x.dtype != a_mod.weight.dtype
-            or w.dtype != x.dtype
             or (self.training and isinstance(self.lora_dropout[adapter], nn.Dropout))
-            or base._forward_hooks
-            or base._forward_pre_hooks
         ):
             return None
+        w, bias = base
         scale = self.scaling[adapter]
         if self.use_dora[adapter]:
             mag = self.lora_magnitude_vector[adapter]
             norm = mag.direction_norm(w, a_mod.weight, b_mod.weight, scale)
             return dora_linear(x, w, bias, a_mod.weight, b_mod.weight, scale, mag.weight, norm)
         return lora_linear(x, w, bias, a_mod.weight, b_mod.weight, scale)
-
-    @property
-    def _fusable(self) -> bool:
-        """Only the stock layers: a subclass (quantized, hooked) keeps its own forward."""
-        base = self.base_layer
-        if self.ops.quant is not None:
-            return False
-        return self.ops.kind == "linear" and (type(base) is nn.Linear or (self.ops.transposed and type(base).__name__ == "Conv1D"))
 
     def adapt(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.use_dora.get(adapter):
