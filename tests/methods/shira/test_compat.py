@@ -33,7 +33,7 @@ def forbid_masks(monkeypatch):
         raise AssertionError("a SHiRA mask was computed while loading an adapter")
 
     def forbid():
-        monkeypatch.setattr(shira_layer_mod, "random_positions", boom)
+        monkeypatch.setattr(shira_layer_mod, "random_indices", boom)
         monkeypatch.setattr(shira_layer_mod, "positions_from_mask", boom)
         monkeypatch.setattr(shira_layer_mod, "layer_seed", boom)
 

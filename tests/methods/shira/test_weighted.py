@@ -101,7 +101,7 @@ def test_combination_never_draws_a_mask(two, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("mask drawn")
 
-    monkeypatch.setattr(layer_mod, "random_positions", boom)
+    monkeypatch.setattr(layer_mod, "random_indices", boom)
     rng = torch.get_rng_state()
     two.add_weighted_adapter(["default", "b"], W, "c")
     assert torch.equal(torch.get_rng_state(), rng)

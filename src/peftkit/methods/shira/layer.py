@@ -16,7 +16,7 @@ from torch import nn
 
 from ...core.layer import AdapterLayer, BufferDict
 from ...kernels.shira import SparsePattern, shira_linear, sparse_delta
-from .mask import layer_seed, positions_from_mask, random_positions
+from .mask import layer_seed, positions_from_mask, random_indices
 
 
 class ShiraLayer(AdapterLayer):
@@ -58,12 +58,7 @@ class ShiraLayer(AdapterLayer):
             mask = config.mask_fn(self.base_layer, r, **kwargs)
             indices = positions_from_mask(mask, weight, k, name or type(self.base_layer).__name__).to(device)
         elif config.mask_type == "random":
-            flat = random_positions(weight.numel(), k, layer_seed(config.random_seed, name))
-            if weight.numel() < 2**31:  # int32 arithmetic: the indices are stored as int32 anyway
-                flat = flat.to(torch.int32)
-            cols = weight.shape[1]
-            rows = torch.div(flat, cols, rounding_mode="floor")
-            indices = torch.stack([rows, flat - rows * cols]).to(device=device, dtype=torch.int32)
+            indices = random_indices(tuple(weight.shape), k, layer_seed(config.random_seed, name)).to(device)
         else:
             raise ValueError(
                 f"ShiraConfig(mask_type={config.mask_type!r}) needs a mask function: set config.mask_fn = "

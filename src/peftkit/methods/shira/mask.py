@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import zlib
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,54 +18,66 @@ def layer_seed(seed: int | None, name: str) -> int:
 
 
 def random_positions(numel: int, k: int, seed: int) -> torch.Tensor:
-    """``k`` distinct positions in ``[0, numel)``, uniform over k-subsets, sorted; deterministic in ``seed``.
+    """``k`` distinct positions in ``[0, numel)``, uniform over k-subsets, sorted int64; deterministic in ``seed``."""
+    return torch.from_numpy(_draw(numel, k, seed))
+
+
+def random_indices(shape: tuple[int, int], k: int, seed: int) -> torch.Tensor:
+    """A weight's random mask as (2, k) int32 (row, col), in row-major order: ``random_positions`` split."""
+    rows_n, cols = shape
+    flat = _draw(rows_n * cols, k, seed)
+    out = np.empty((2, k), dtype=np.int64 if rows_n * cols >= 2**31 else np.int32)
+    flat = flat.astype(out.dtype, copy=False)
+    np.floor_divide(flat, cols, out=out[0])
+    np.subtract(flat, out[0] * cols, out=out[1])
+    return torch.from_numpy(out.astype(np.int32, copy=False))
+
+
+def _draw(numel: int, k: int, seed: int) -> np.ndarray:
+    """The positions behind ``random_positions``, drawn with numpy's PCG64 generator.
 
     A full ``randperm(numel)`` (PEFT's draw) costs O(numel) per layer, and drawing with repeats
     then sorting costs O(k log k). Here every position is first kept independently with a
     probability a little above ``k / numel``, walking the weight by geometric gaps (a Bernoulli
     process comes out sorted, in O(k)); given its size, that set is a uniform subset. Dropping
     a uniform choice of the few extra positions (or, rarely, adding missing ones from the rest)
-    leaves a uniform k-subset.
+    leaves a uniform k-subset. numpy, not torch, because a layer's draw is a dozen small array
+    operations, where numpy's call overhead (and its generator) are about half of torch's:
+    0.27 -> 0.16 ms for a 512 x 512 layer, 0.53 -> 0.25 ms for 512 x 1376.
     """
     if k > numel:
         raise ValueError(f"cannot choose {k} entries out of {numel}")
-    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     if 4 * k >= numel:
-        return torch.randperm(numel, generator=gen)[:k].sort().values
+        return np.sort(rng.permutation(numel)[:k])
     p = min(0.5, (k + 4.0 * math.sqrt(k) + 8.0) / numel)
     log_q = math.log1p(-p)
     parts, last = [], -1
     while last < numel - 1:  # positions = last + running sum of Geometric(p) gaps
         n = int((numel - 1 - last) * p * 1.02) + 32
-        u = torch.rand(n, generator=gen, dtype=torch.float64)
-        gaps = torch.log1p(-u).div_(log_q).floor_().add_(1).to(torch.int64)
-        pos = gaps.cumsum_(0).add_(last)
+        u = rng.random(n)
+        np.negative(u, out=u)
+        np.log1p(u, out=u)  # log(1 - u), u in [0, 1): finite
+        u /= log_q
+        np.floor(u, out=u)
+        u += 1
+        pos = np.cumsum(u.astype(np.int64))
+        pos += last
         parts.append(pos)
         last = int(pos[-1])
-    pos = torch.cat(parts) if len(parts) > 1 else parts[0]
-    pos = pos[: int(torch.searchsorted(pos, numel))]
-    extra = pos.numel() - k
+    pos = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    pos = pos[: int(np.searchsorted(pos, numel))]
+    extra = pos.size - k
     if extra > 0:
-        keep = torch.ones(pos.numel(), dtype=torch.bool)
-        keep[_distinct(pos.numel(), extra, gen)] = False
-        return torch.masked_select(pos, keep)  # stays sorted
+        keep = np.ones(pos.size, dtype=bool)
+        keep[rng.choice(pos.size, extra, replace=False)] = False
+        return pos[keep]  # stays sorted
     if extra < 0:
-        taken = torch.zeros(numel, dtype=torch.bool)
+        taken = np.zeros(numel, dtype=bool)
         taken[pos] = True
-        rest = (~taken).nonzero().squeeze(1)
-        add = rest[_distinct(rest.numel(), -extra, gen)]
-        return torch.cat([pos, add]).sort().values
+        rest = np.flatnonzero(~taken)
+        return np.sort(np.concatenate([pos, rest[rng.choice(rest.size, -extra, replace=False)]]))
     return pos
-
-
-def _distinct(n: int, m: int, gen: torch.Generator) -> torch.Tensor:
-    """``m`` distinct values of ``[0, n)``, a uniform choice (unsorted)."""
-    if 4 * m >= n:
-        return torch.randperm(n, generator=gen)[:m]
-    got = torch.empty(0, dtype=torch.int64)
-    while got.numel() < m:
-        got = torch.unique(torch.cat([got, torch.randint(n, (m - got.numel() + 8,), generator=gen)]))
-    return got[torch.randperm(got.numel(), generator=gen)[:m]]
 
 
 def random_mask(base_layer: nn.Module, r: int, random_seed: int | None = None, **kwargs: object) -> torch.Tensor:
