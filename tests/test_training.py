@@ -7,18 +7,9 @@ import copy
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftkit
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
+from tests.models import tiny_llama
 
 
 def lora(**kw) -> peftkit.LoraConfig:

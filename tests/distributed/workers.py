@@ -11,23 +11,14 @@ import os
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftkit
+from tests.models import tiny_llama
 
 WORLD = 2
 STEPS = 3
 MODES = ("ddp", "fsdp2")
 METHODS = ("lora", "shira")
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
 
 
 def make_model(method: str) -> peftkit.PeftModel:

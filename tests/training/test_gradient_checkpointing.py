@@ -5,18 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
+from transformers import ViTConfig, ViTForImageClassification
 
 import peftkit
-
-
-def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).to(dtype)
+from tests.models import tiny_llama
 
 
 def tiny_vit() -> ViTForImageClassification:
@@ -86,7 +78,7 @@ def test_prepare_model_for_kbit_training_matches_peft(quantized, gc_kwargs):
 
     models = []
     for prepare in (peftkit.prepare_model_for_kbit_training, peft_prepare):
-        model = tiny_llama(torch.bfloat16)
+        model = tiny_llama(dtype=torch.bfloat16)
         model.lm_head.weight.data = model.lm_head.weight.data.to(torch.float16)
         if quantized:  # what a k-bit load sets; the upcast and checkpointing rules follow from it
             model.is_loaded_in_8bit = True
@@ -107,7 +99,7 @@ def test_prepare_model_for_kbit_training_matches_peft(quantized, gc_kwargs):
 
 
 def test_prepare_keeps_dtype_of_schemes_that_store_their_own():
-    model = tiny_llama(torch.bfloat16)
+    model = tiny_llama(dtype=torch.bfloat16)
     model.quantization_method = "gptq"
     peftkit.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())

@@ -13,18 +13,10 @@ if __name__ == "__main__" and "--hide-peft" in sys.argv:
     sys.modules["peft"] = None  # before transformers is imported: it then sees no peft installed
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import peftkit
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
+from tests.models import tiny_llama
 
 
 def lora_model(seed: int) -> peftkit.PeftModel:
