@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..kernels.autocast import autocast_dtype
 from .base_ops import BaseOps, ops_for
 from .context import BASE_ADAPTER, current_adapter_names, group_rows
 from .quantized import describe, warn_rounding
@@ -113,11 +114,15 @@ class AdapterLayer(nn.Module):
         """Base op and one adapter in one step, when the method has a faster path for it (else None)."""
         return None
 
-    def fusable_base(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def fusable_base(
+        self, x: torch.Tensor, *adapter_tensors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The base weight as (out, in) and its bias, when a fused kernel may stand in for the base op on ``x``.
 
         Only a stock layer qualifies (nn.Linear, or transformers Conv1D: a subclass, a quantized
-        layer or one with hooks keeps its own forward), frozen, in ``x``'s dtype; else None.
+        layer or one with hooks keeps its own forward), frozen, and ``x``, the weight and
+        ``adapter_tensors`` in one dtype (under ``torch.autocast`` the kernels cast them all to
+        autocast's, see ``kernels.autocast``); else None.
         """
         base = self.base_layer
         if self.ops.quant is not None or self.ops.kind != "linear":
@@ -125,13 +130,10 @@ class AdapterLayer(nn.Module):
         if not (type(base) is nn.Linear or (self.ops.transposed and type(base).__name__ == "Conv1D")):
             return None
         w, bias = self.ops.weight2d(base), base.bias
-        if (
-            w.requires_grad
-            or (bias is not None and bias.requires_grad)
-            or w.dtype != x.dtype
-            or base._forward_hooks
-            or base._forward_pre_hooks
-        ):
+        frozen = not w.requires_grad and (bias is None or not bias.requires_grad)
+        if not frozen or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        if autocast_dtype(x.device.type) is None and any(t.dtype != x.dtype for t in (w, *adapter_tensors)):
             return None
         return w, bias
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .autocast import autocast_apply
+
 
 class _LoKrLinear(torch.autograd.Function):
     @staticmethod
@@ -71,6 +73,8 @@ def lokr_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias) + x kron(w1, w2)ᵀ`` for a frozen ``weight`` and ``bias``, never forming the kron.
 
+    Under ``torch.autocast`` every tensor runs in autocast's dtype, as the unfused ops would.
+
     Args:
         x: input (..., c·d).
         weight: the frozen base weight (a·b, c·d) (a transposed view is fine).
@@ -79,7 +83,7 @@ def lokr_linear(
         w2: (b, d).
         w2_first: multiply by W2 first (the middle product is (n, c, b)), else by W1 first ((n, a, d)).
     """
-    return _LoKrLinear.apply(x, weight, bias, w1, w2, w2_first)
+    return autocast_apply(_LoKrLinear.apply, x, weight, bias, w1, w2, w2_first)
 
 
 def lokr_linear_reference(x, weight, bias, w1, w2, w2_first=True):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .autocast import autocast_apply
+
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
@@ -50,6 +52,8 @@ def lora_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias) + scale · F.linear(F.linear(x, a), b)`` for a frozen ``weight`` and ``bias``.
 
+    Under ``torch.autocast`` every tensor runs in autocast's dtype, as the unfused ops would.
+
     Args:
         x: input (..., in).
         weight: the frozen base weight (out, in) (a transposed view is fine).
@@ -58,7 +62,7 @@ def lora_linear(
         b: LoRA B (out, r).
         scale: ``lora_alpha / r``.
     """
-    return _LoraLinear.apply(x, weight, bias, a, b, scale)
+    return autocast_apply(_LoraLinear.apply, x, weight, bias, a, b, scale)
 
 
 def lora_linear_reference(x, weight, bias, a, b, scale):
@@ -113,7 +117,7 @@ def dora_linear(
         magnitude: the trained magnitude (out,).
         norm: ``‖W + s·BA‖`` per output row, detached.
     """
-    return _DoraLinear.apply(x, weight, bias, a, b, scale, magnitude, norm)
+    return autocast_apply(_DoraLinear.apply, x, weight, bias, a, b, scale, magnitude, norm)
 
 
 def dora_linear_reference(x, weight, bias, a, b, scale, magnitude, norm):

@@ -27,6 +27,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .autocast import autocast_dtype
+
 _PATCH_LOCK = threading.RLock()
 # torch flags every CSR tensor as "beta"; the few operations used here are tested against a dense reference
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
@@ -206,8 +208,14 @@ class _SparseDelta(torch.autograd.Function):
 
 
 def sparse_delta(x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
-    """``x Sᵀ`` (..., out) for the sparse (out, in) matrix S given by ``values`` at ``pattern``."""
-    return _SparseDelta.apply(x, values, pattern)
+    """``x Sᵀ`` (..., out) for the sparse (out, in) matrix S given by ``values`` at ``pattern``.
+
+    In ``x``'s dtype (float32 math for half types); autocast is off inside (sparse CPU matmuls have no bfloat16).
+    """
+    if autocast_dtype(x.device.type) is None:
+        return _SparseDelta.apply(x, values, pattern)
+    with torch.autocast(x.device.type, enabled=False):
+        return _SparseDelta.apply(x, values, pattern)
 
 
 def shira_linear_reference(x, w2d, bias, values, rows, cols, scale=1.0):

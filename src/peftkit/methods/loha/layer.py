@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.autocast import autocast_apply
 from ..lycoris import LycorisLayer
 
 
@@ -273,7 +274,7 @@ class LoHaLayer(LycorisLayer):
         base = self.base_layer
         s = self._row_scale(adapter, x.device, self.adapter_dtype())
         if self.ops.kind == "linear":
-            return _FoldedHada.apply(x, self._weight2d(), base.bias, s, *self._factors(adapter))
+            return autocast_apply(_FoldedHada.apply, x, self._weight2d(), base.bias, s, *self._factors(adapter))
         delta = self._kernel_delta(adapter) * s.view(-1, *([1] * (base.weight.dim() - 1)))
         return base._conv_forward(x, base.weight + delta, base.bias)
 
@@ -290,7 +291,7 @@ class LoHaLayer(LycorisLayer):
                 u, v = face_split_rows(w1a, w2a), face_split_cols(w1b, w2b)  # (out, r²), (r², in)
                 y = (x @ v.t()) @ (u * s[:, None]).t()  # (..., r²) -> (..., out)
             else:
-                y = _FoldedHada.apply(x, None, None, s, *self._factors(adapter))
+                y = autocast_apply(_FoldedHada.apply, x, None, None, s, *self._factors(adapter))
         else:
             y = self._conv_bypass(adapter, x, s) if bypass else self._conv_dense(adapter, x, s)
         return out + y.to(out.dtype)

@@ -185,8 +185,8 @@ class LoKrLayer(LycorisLayer):
         dropouts = self.training and (self.module_dropout.get(adapter) or self.rank_dropout.get(adapter))
         if adapter not in self._sides or dropouts:
             return None  # the dropouts take the general path
-        base = self.fusable_base(x)
-        if base is None or x.dtype != self.adapter_dtype():
+        base = self.fusable_base(x, *self.adapter_parameters(adapter))
+        if base is None:
             return None
         w1 = self._w1(adapter) * self.scaling[adapter]
         return lokr_linear(x, *base, w1, self._w2(adapter), self._w2_first(adapter))

@@ -196,11 +196,10 @@ class LoraLayer(AdapterLayer):
         if not torch.is_grad_enabled() or adapter not in self.lora_A:
             return None
         a_mod, b_mod = self.lora_A[adapter], self.lora_B[adapter]
-        base = self.fusable_base(x)
+        base = self.fusable_base(x, a_mod.weight, b_mod.weight)
         if (
             base is None
             or b_mod.bias is not None
-            or x.dtype != a_mod.weight.dtype
             or (self.training and isinstance(self.lora_dropout[adapter], nn.Dropout))
         ):
             return None
@@ -338,7 +337,8 @@ def _add_scaled(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, bias: torch
     o2 = out.reshape(-1, out.shape[-1])  # (N, out)
     h2 = h.reshape(-1, h.shape[-1])  # (N, r)
     if not torch.is_grad_enabled() or not (o2.requires_grad or h2.requires_grad or b.requires_grad):
-        return o2.addmm_(h2, b.t(), alpha=scale).view(out.shape)
+        # in place: no autocast here, so B joins h's dtype (under autocast, what autocast gives h)
+        return o2.addmm_(h2, b.t().to(h2.dtype), alpha=scale).view(out.shape)
     return torch.addmm(o2, h2, b.t(), alpha=scale).view(out.shape)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...core.layer import AdapterLayer, BufferDict
+from ...kernels.autocast import autocast_dtype
 from ...kernels.shira import SparsePattern, shira_linear, sparse_delta
 from .mask import layer_seed, positions_from_mask, random_indices
 
@@ -120,23 +121,15 @@ class ShiraLayer(AdapterLayer):
         return dense.index_put_(pat.coo(), pat.values(v))
 
     def fused_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
-        base = self.base_layer
-        w = base.weight
-        bias = getattr(base, "bias", None)
-        fusable = type(base) is nn.Linear or (self.ops.transposed and type(base).__name__ == "Conv1D")
-        if (
-            not fusable
-            or adapter not in self.shira_weight
-            or w.requires_grad
-            or (bias is not None and bias.requires_grad)
-            or not w.is_contiguous()
-            or x.dtype != w.dtype
-            or base._forward_hooks
-            or base._forward_pre_hooks
-        ):
+        """The base GEMM on the patched weight (``kernels.shira``); under autocast, the general path."""
+        base = self.fusable_base(x)
+        weight = self.base_layer.weight
+        if base is None or adapter not in self.shira_weight or not weight.is_contiguous():
             return None
-        v = self.shira_weight[adapter]
-        return shira_linear(x, w, self.ops.weight2d(base), bias, v, self.pattern(adapter), self.scaling[adapter])
+        if autocast_dtype(x.device.type) is not None:
+            return None  # the patched weight would be cast to a copy: base GEMM under autocast, then the sparse delta
+        w2d, bias = base
+        return shira_linear(x, weight, w2d, bias, self.shira_weight[adapter], self.pattern(adapter), self.scaling[adapter])
 
     def adapt(self, adapter: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out + sparse_delta(x.to(self.shira_weight[adapter].dtype), self._values(adapter), self.pattern(adapter)).to(out.dtype)
