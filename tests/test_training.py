@@ -75,6 +75,27 @@ def test_trainer_runs_and_saves_adapter_only(tmp_path):
     assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "lokr"])
+def test_trainer_bf16_mixed_precision(tmp_path, method):
+    """TrainingArguments(bf16=True) runs the steps under torch.autocast: the fused kernels must take part."""
+    from transformers import Trainer, TrainingArguments
+
+    config = peftkit.LoKrConfig(r=4, target_modules="all-linear") if method == "lokr" else lora(use_dora=method == "dora")
+    model = peftkit.get_peft_model(tiny_llama(), config)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": (row := torch.randint(0, 64, (16,), generator=g)), "labels": row} for _ in range(16)]
+    before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, bf16=True,
+        report_to=[], use_cpu=True, save_strategy="no",
+    )
+    result = Trainer(model=model, args=args, train_dataset=data).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    after = dict(model.named_parameters())
+    assert all(after[n].dtype == torch.float32 for n in before)  # the adapters stay float32
+    assert any(not torch.equal(after[n], p) for n, p in before.items())
+
+
 def test_generate_matches_merged_model():
     torch.manual_seed(2)
     model = peftkit.get_peft_model(tiny_llama(), lora(init_lora_weights=False)).eval()
