@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from safetensors import safe_open
 from torch.testing import assert_close
@@ -109,3 +110,28 @@ def test_from_pretrained_builds_no_random_tensors(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: calls.append(t.device.type != "meta"))
     PeftModel.from_pretrained(base, tmp_path)
     assert not any(calls)  # only meta-device placeholders, no real random draws
+
+
+def test_load_peft_weights_equals_peft(tmp_path):
+    """``load_peft_weights`` (top level and ``peftkit.utils``) reads what PEFT's reads: safetensors, .bin, sub-folders."""
+    import peft
+
+    model = get_peft_model(llama(), lora())
+    model.add_adapter("second", lora(r=2))
+    model.save_pretrained(tmp_path / "st")
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert peftkit.utils.load_peft_weights is peftkit.load_peft_weights
+    for folder, kwargs in [("st", {}), ("bin", {}), ("st", {"subfolder": "second"}), ("bin", {"subfolder": "second"})]:
+        ours = peftkit.load_peft_weights(str(tmp_path / folder), device="cpu", **kwargs)
+        theirs = peft.load_peft_weights(str(tmp_path / folder), device="cpu", **kwargs)
+        assert ours.keys() == theirs.keys() and ours
+        for key in theirs:
+            assert torch.equal(ours[key], theirs[key]), key
+    default = peftkit.load_peft_weights(str(tmp_path / "st"))  # no accelerator here: the CPU
+    assert {t.device.type for t in default.values()} == {"cuda" if torch.cuda.is_available() else "cpu"}
+    mapping = {r"layers\.(\d+)\.self_attn": r"blocks.\1.attn"}
+    ours = peftkit.load_peft_weights(str(tmp_path / "st"), device="cpu", key_mapping=mapping)
+    theirs = peft.load_peft_weights(str(tmp_path / "st"), device="cpu", key_mapping=mapping)
+    assert ours.keys() == theirs.keys() and any(".blocks.0.attn." in k for k in ours)
+    with pytest.raises(FileNotFoundError, match="save the adapter with save_pretrained first"):
+        peftkit.load_peft_weights(str(tmp_path), device="cpu")

@@ -20,6 +20,7 @@ from .config import PeftConfig
 from .core.layer import AdapterLayer
 from .core.tuner import AdapterModel
 from .core.wrappers import ModulesToSaveWrapper
+from .io.serialization import load_peft_weights
 from .mapping import get_peft_model, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from .methods.lokr import LoKrConfig, LoKrLayer
 from .methods.loha import LoHaConfig, LoHaLayer
@@ -47,7 +48,7 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from .types import PeftType, TaskType
+from .types import PeftType, PeftWarning, TaskType
 from .utils.training import prepare_model_for_kbit_training
 
 LoraModel = AdapterModel  # PEFT's names for the per-method engines
@@ -57,6 +58,8 @@ LoKrModel = AdapterModel
 LoHaModel = AdapterModel
 
 __all__ = [
+    "load_peft_weights",
+    "PeftWarning",
     "prepare_model_for_kbit_training",
     "AdapterLayer",
     "AdaptionPromptConfig",

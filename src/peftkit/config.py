@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .types import PeftType, TaskType
+from .types import PeftType, PeftWarning, TaskType
 
 CONFIG_NAME = "adapter_config.json"
 # The PEFT file-format version these files follow; PEFT parses this field as a version number.
@@ -127,6 +127,7 @@ class PeftConfig:
             warnings.warn(
                 f"Ignoring keys unknown to peftkit's {target.__name__}: {unknown} "
                 "(they come from a newer or different library version).",
+                PeftWarning,
                 stacklevel=2,
             )
         kwargs = {k: v for k, v in data.items() if k in known}

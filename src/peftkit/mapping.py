@@ -12,6 +12,7 @@ from torch import nn
 from .config import PeftConfig
 from .core.tuner import AdapterModel
 from .io.keys import adapter_key_map, embedding_is_targeted, embedding_slots
+from .types import PeftWarning
 
 if TYPE_CHECKING:
     from .peft_model import PeftModel
@@ -103,7 +104,10 @@ def get_peft_model_state_dict(
     if save_embedding_layers == "auto":
         save_embedding_layers = targeted or _vocab_resized(tuner.model, config)
         if save_embedding_layers:
-            warnings.warn("Saving the base embedding layers with the adapter (they are targeted or were resized).")
+            warnings.warn(
+                "Saving the base embedding layers with the adapter (they are targeted or were resized).",
+                PeftWarning,
+            )
     if save_embedding_layers:
         for key, slot in embedding_slots(tuner, targeted).items():
             slots.setdefault(key, slot)

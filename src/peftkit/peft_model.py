@@ -18,10 +18,9 @@ from torch import nn
 
 from .config import PeftConfig
 from .core.tuner import AdapterModel
-from .io.hub import resolve_file
-from .io.serialization import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_state_dict, save_state_dict
+from .io.serialization import read_adapter_weights, save_state_dict
 from .mapping import get_peft_model_state_dict, set_peft_model_state_dict
-from .types import TaskType
+from .types import PeftWarning, TaskType
 from .utils import trainer_compat
 from .utils.training import checkpointing_is_on, enable_input_require_grads, gradient_checkpointing_enable
 
@@ -233,7 +232,7 @@ class PeftModel(nn.Module):
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
         config.inference_mode = not is_trainable
         config = _engine_class(config).loading_config(config, model_id, **kwargs)
-        state = _load_adapter_file(model_id, subfolder, hub)
+        state = read_adapter_weights(model_id, subfolder, **hub)
         target_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, cls) if cls is PeftModel else cls
         peft_model = target_cls(model, config, adapter_name, low_cpu_mem_usage=True)
         peft_model._fill(adapter_name, config, state, fresh=True)
@@ -258,13 +257,13 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             # new values for an adapter this model has (Trainer resuming from a checkpoint): copied in
             # place, so an optimizer holding these parameters keeps working
-            result = set_peft_model_state_dict(self, _load_adapter_file(model_id, subfolder, hub), adapter_name)
+            result = set_peft_model_state_dict(self, read_adapter_weights(model_id, subfolder, **hub), adapter_name)
             if not is_trainable:
                 self.eval()
             return result
         config = kwargs.get("peft_config") or PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
         config.inference_mode = not is_trainable
-        state = _load_adapter_file(model_id, subfolder, hub)
+        state = read_adapter_weights(model_id, subfolder, **hub)
         self._add_task_modules(config)
         self.base_model.inject_adapter(adapter_name, config, low_cpu_mem_usage=True)
         result = self._fill(adapter_name, config, state, fresh=False)
@@ -283,7 +282,8 @@ class PeftModel(nn.Module):
             if result.missing_keys:
                 warnings.warn(
                     f"The adapter file has no values for {len(result.missing_keys)} adapter tensors "
-                    f"(e.g. {result.missing_keys[:3]}); they keep their initial values."
+                    f"(e.g. {result.missing_keys[:3]}); they keep their initial values.",
+                    PeftWarning,
                 )
             tensors = itertools.chain(self.base_model.parameters(), self.base_model.buffers())
             if result.missing_keys and any(t.device.type == "meta" for t in tensors):
@@ -300,7 +300,10 @@ class PeftModel(nn.Module):
                 del self.base_model.model.peft_config
             raise
         if result.unexpected_keys:
-            warnings.warn(f"Keys in the adapter file that fit nothing in the model: {result.unexpected_keys[:5]}")
+            warnings.warn(
+                f"Keys in the adapter file that fit nothing in the model: {result.unexpected_keys[:5]}",
+                PeftWarning,
+            )
         return result
 
 
@@ -316,19 +319,7 @@ def _convert_initial(config: PeftConfig, state: dict[str, torch.Tensor], path: s
     spec = get_method(config.peft_type)
     if spec.convert_initial is None:
         raise ValueError(f"{config.peft_type} adapters do not change the base weights: there is nothing to convert.")
-    return spec.convert_initial(config, state, _load_adapter_file(path, None, {}))
-
-
-def _load_adapter_file(model_id: str | os.PathLike, subfolder: str | None, hub: dict[str, Any]) -> dict[str, torch.Tensor]:
-    path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, missing_ok=True, **hub)
-    if path is None:
-        path = resolve_file(model_id, WEIGHTS_NAME, subfolder=subfolder, missing_ok=True, **hub)
-    if path is None:
-        where = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
-        raise FileNotFoundError(
-            f"No {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {where}: save the adapter with save_pretrained first."
-        )
-    return load_state_dict(path)
+    return spec.convert_initial(config, state, read_adapter_weights(path))
 
 
 def _is_rank_zero() -> bool:

@@ -40,3 +40,7 @@ class TaskType(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class PeftWarning(UserWarning):
+    """The category of peftkit's warnings (PEFT's name): ``warnings.filterwarnings(..., category=PeftWarning)``."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..kernels.autocast import autocast_dtype
+from ..types import PeftWarning
 from .base_ops import BaseOps, ops_for
 from .context import BASE_ADAPTER, current_adapter_names, group_rows
 from .quantized import describe, warn_rounding
@@ -271,7 +272,10 @@ class AdapterLayer(nn.Module):
                 left = self.adapters
                 remaining = left[:1]
                 if left:
-                    warnings.warn(f"Adapter {adapter!r} was active and is deleted; {left[0]!r} is active now.")
+                    warnings.warn(
+                        f"Adapter {adapter!r} was active and is deleted; {left[0]!r} is active now.",
+                        PeftWarning,
+                    )
             self.set_adapter(remaining)
 
     # ------------------------------------------------------------------ forward
@@ -361,7 +365,7 @@ class AdapterLayer(nn.Module):
         names = [a for a in names if a in self.adapters]
         already = [a for a in names if a in self.merged_adapters]
         if already and adapter_names is not None:
-            warnings.warn(f"Adapters {already} are already merged; merging the rest.")
+            warnings.warn(f"Adapters {already} are already merged; merging the rest.", PeftWarning)
         names = [a for a in names if a not in self.merged_adapters]
         if safe_merge:
             self.check_merge(names)
@@ -379,7 +383,7 @@ class AdapterLayer(nn.Module):
     def unmerge(self) -> None:
         """Take merged adapters back out of the base weight, last merged first."""
         if not self.merged_adapters:
-            warnings.warn("Nothing to unmerge: no adapter is merged.")
+            warnings.warn("Nothing to unmerge: no adapter is merged.", PeftWarning)
             return
         self.check_unmerge(self.merged_adapters)
         with torch.no_grad(), self._editable_weight() as w:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..types import PeftWarning
+
 
 class QuantBackend:
     """How one quantized storage format is read back and written again (stateless)."""
@@ -235,6 +237,7 @@ def warn_rounding(module: nn.Module) -> None:
         f"Merging into a {describe(module)} layer requantizes the merged weight: the result is rounded, so "
         "outputs differ slightly from the unmerged adapter's and unmerge does not restore the exact original "
         "weight. Use merge_and_unload(dequantize=True) for a full-precision merged model.",
+        PeftWarning,
         stacklevel=4,
     )
 

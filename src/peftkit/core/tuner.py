@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import PeftConfig
 from ..registry import MethodSpec, get_method
+from ..types import PeftWarning
 from .base_ops import is_transformers_conv1d, linear_types
 from .context import BASE_ADAPTER, forward_options
 from .layer import AdapterLayer
@@ -275,10 +276,13 @@ class AdapterModel(nn.Module):
             return
         conv1d = any(is_transformers_conv1d(m) for m in modules)
         if conv1d and not config.fan_in_fan_out:
-            warnings.warn("The targets are transformers Conv1D layers: setting fan_in_fan_out=True.")
+            warnings.warn("The targets are transformers Conv1D layers: setting fan_in_fan_out=True.", PeftWarning)
             config.fan_in_fan_out = True
         elif not conv1d and config.fan_in_fan_out and any(isinstance(m, nn.Linear) for m in modules):
-            warnings.warn("fan_in_fan_out=True does not fit nn.Linear targets: setting fan_in_fan_out=False.")
+            warnings.warn(
+                "fan_in_fan_out=True does not fit nn.Linear targets: setting fan_in_fan_out=False.",
+                PeftWarning,
+            )
             config.fan_in_fan_out = False
 
     def _mark_trainable(self, spec: MethodSpec, config: PeftConfig) -> None:
@@ -324,7 +328,7 @@ class AdapterModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_adapters(names)
         if any(layer.merged for _, layer in self.adapter_layers()):
-            warnings.warn("Adapters are merged; unmerging them before switching the active adapter.")
+            warnings.warn("Adapters are merged; unmerging them before switching the active adapter.", PeftWarning)
             self.unmerge_adapter()
         for _, module in self.wrappers():
             if isinstance(module, ModulesToSaveWrapper):

@@ -7,7 +7,9 @@ never leaves a half-written adapter behind.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from typing import Any
 
 import torch
 
@@ -71,3 +73,70 @@ def load_state_dict(path: str, device: str | torch.device = "cpu") -> dict[str, 
             f"Could not read adapter weights from {path} ({type(exc).__name__}: {exc}). "
             "The file is damaged or truncated: save the adapter again or download it anew."
         ) from exc
+
+
+def read_adapter_weights(
+    model_id: str | os.PathLike, subfolder: str | None = None, device: str | torch.device = "cpu", **hub_kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter (safetensors, else PEFT's older ``adapter_model.bin``), from a folder or a Hub id."""
+    from .hub import resolve_file
+
+    path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, missing_ok=True, **hub_kwargs)
+    if path is None:
+        path = resolve_file(model_id, WEIGHTS_NAME, subfolder=subfolder, missing_ok=True, **hub_kwargs)
+    if path is None:
+        where = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+        raise FileNotFoundError(
+            f"No {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {where}: save the adapter with save_pretrained first."
+        )
+    return load_state_dict(path, device)
+
+
+def default_device() -> str:
+    """Where PEFT's ``load_peft_weights`` puts tensors by default: the accelerator if there is one."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
+        return "xpu"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def load_peft_weights(
+    model_id: str | os.PathLike,
+    device: str | torch.device | None = None,
+    key_mapping: dict[str, str] | None = None,
+    **hf_hub_download_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """An adapter's saved tensors, as PEFT's ``load_peft_weights``: keys as in the file (``base_model.model....``).
+
+    Args:
+        model_id: a folder written by ``save_pretrained`` or a Hub repository id.
+        device: where to put the tensors; default: the accelerator if there is one, else the CPU.
+        key_mapping: regular expression -> replacement, applied to each key without its
+            ``base_model.model.`` (or ``base_model.``) prefix; the first pattern that matches wins.
+        **hf_hub_download_kwargs: ``subfolder``, ``revision``, ``token``, ``cache_dir``, ...
+    """
+    hub = dict(hf_hub_download_kwargs)
+    subfolder = hub.pop("subfolder", None)
+    device = default_device() if device is None else device
+    # safetensors cannot load straight to mps: load on the CPU, then move
+    state = read_adapter_weights(model_id, subfolder, "cpu" if str(device) == "mps" else device, **hub)
+    if str(device) == "mps":
+        state = {k: v.to(device) for k, v in state.items()}
+    if not key_mapping:
+        return state
+    remapped = {}
+    for key, value in state.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"key_mapping needs PEFT's keys (base_model.model....); {key!r} has no such prefix.")
+        rest = key[len(prefix):]
+        for pattern, replacement in key_mapping.items():
+            new, count = re.subn(pattern, replacement, rest)
+            if count:
+                rest = new
+                break
+        remapped[prefix + rest] = value
+    return remapped

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import PeftConfig
 from ..core.tuner import AdapterModel
 from ..registry import get_method
-from ..types import PeftType, TaskType
+from ..types import PeftType, PeftWarning, TaskType
 
 _LABELLED_PER_TOKEN = (TaskType.CAUSAL_LM.value, TaskType.TOKEN_CLS.value)
 
@@ -244,12 +244,15 @@ class PromptModel(AdapterModel):
         if labels is not None and config.task_type in _LABELLED_PER_TOKEN:
             kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
         if kwargs.get("position_ids") is not None:
-            warnings.warn("position_ids are ignored with prompt learning (the virtual tokens shift every position).")
+            warnings.warn(
+                "position_ids are ignored with prompt learning (the virtual tokens shift every position).",
+                PeftWarning,
+            )
             kwargs["position_ids"] = None
         token_types = kwargs.get("token_type_ids")
         if token_types is not None:
             if config.task_type == TaskType.CAUSAL_LM.value:
-                warnings.warn("token_type_ids are ignored with prompt learning on a causal LM.")
+                warnings.warn("token_type_ids are ignored with prompt learning on a causal LM.", PeftWarning)
                 kwargs["token_type_ids"] = None
             else:
                 kwargs["token_type_ids"] = torch.cat([token_types.new_zeros(batch, n), token_types], dim=1)
@@ -274,7 +277,7 @@ class PromptModel(AdapterModel):
             kwargs["position_ids"] = kwargs["position_ids"] + n  # after the prefix
         causal = self.peft_config[adapter].task_type == TaskType.CAUSAL_LM.value
         if causal and kwargs.get("token_type_ids") is not None:
-            warnings.warn("token_type_ids are ignored with prefix tuning on a causal LM.")
+            warnings.warn("token_type_ids are ignored with prefix tuning on a causal LM.", PeftWarning)
             kwargs["token_type_ids"] = None
         kwargs["past_key_values"] = self.prefix_cache(adapter, batch)
         if causal:

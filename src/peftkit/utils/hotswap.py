@@ -24,8 +24,8 @@ from ..config import PeftConfig
 from ..core.layer import AdapterLayer
 from ..core.targeting import pattern_value
 from ..io.keys import adapter_key_map
+from ..io.serialization import read_adapter_weights
 from ..mapping import _normalise_key, _tuner
-from ..peft_model import _load_adapter_file
 
 _MUST_MATCH = ("peft_type", "use_dora", "lora_bias")
 
@@ -42,7 +42,7 @@ def hotswap_adapter(
         torch_device: unused (tensors go to each parameter's own device); kept for PEFT's signature.
     """
     config = PeftConfig.from_pretrained(model_name_or_path, subfolder=kwargs.get("subfolder"))
-    state = _load_adapter_file(model_name_or_path, kwargs.get("subfolder"), {})
+    state = read_adapter_weights(model_name_or_path, kwargs.get("subfolder"))
     hotswap_adapter_from_state_dict(model, state, adapter_name, config)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ...kernels.orthogonal import butterfly_perms, drop_blocks
+from ...types import PeftWarning
 from ..orthogonal import OrthogonalLayer
 
 
@@ -102,7 +103,7 @@ class BOFTLayer(OrthogonalLayer):
                 if value.shape[0] not in configured:
                     warnings.warn(f"{key} holds {value.shape[0]} butterfly factor(s) where the config says "
                                   f"{sorted(configured)}: it runs as saved (PEFT without its CUDA extension "
-                                  "trains BOFT with one factor whatever the config says).")
+                                  "trains BOFT with one factor whatever the config says).", PeftWarning)
             elif key.endswith("boft_s") and tuple(value.shape) != self._scale_shape():
                 raise ValueError(f"{key} has shape {tuple(value.shape)}; this layer takes {self._scale_shape()}.")
 

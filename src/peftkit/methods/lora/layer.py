@@ -13,6 +13,7 @@ from torch import nn
 
 from ...core.layer import AdapterLayer
 from ...kernels.lora import dora_linear, lora_linear
+from ...types import PeftWarning
 from .dora import Magnitude, channel_view, row_norm_of_sum
 from .init import olora, parse_pissa, pissa
 
@@ -56,7 +57,10 @@ class LoraLayer(AdapterLayer):
                 "peftkit: use another init on the quantized model, or load the base model unquantized."
             )
         if config.lora_bias and getattr(base, "bias", None) is None:
-            warnings.warn(f"lora_bias=True on a {type(base).__name__} without bias: this adapter will not merge.")
+            warnings.warn(
+                f"lora_bias=True on a {type(base).__name__} without bias: this adapter will not merge.",
+                PeftWarning,
+            )
         device = device if device is not None else base.weight.device
         if _changes_base(config.init_lora_weights):
             # PiSSA/OLoRA derive the residual base weight from the original one, also when loading

@@ -78,6 +78,7 @@ from ...core.targeting import is_target
 from ...core.tuner import parent_of, top_level_modules
 from ...core.wrappers import ModulesToSaveWrapper
 from ...registry import get_method
+from ...types import PeftWarning
 
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -155,7 +156,8 @@ def _plan(
         if ignored:
             warnings.warn(
                 f"With a single adapter, add_weighted_adapter combines linearly (an exact w·ΔW, as PEFT does): "
-                f"{', '.join(ignored)} ignored."
+                f"{', '.join(ignored)} ignored.",
+                PeftWarning,
             )
         kind = "linear"
 
@@ -394,7 +396,7 @@ def add_weighted_adapter(
     )
     if svd_driver is not None and plan.kind.endswith("svd"):
         if not any(p.is_cuda for _, layer in tuner.adapter_layers() for p in layer.parameters()):
-            warnings.warn(f"svd_driver={svd_driver!r} is a cuSOLVER option; it is ignored on CPU.")
+            warnings.warn(f"svd_driver={svd_driver!r} is a cuSOLVER option; it is ignored on CPU.", PeftWarning)
     opts = {
         "density": density,
         "majority_sign_method": majority_sign_method,

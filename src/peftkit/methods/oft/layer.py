@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...kernels.orthogonal import drop_blocks, packed_size
+from ...types import PeftWarning
 from ..orthogonal import OrthogonalLayer
 
 
@@ -68,7 +69,8 @@ class OFTLayer(OrthogonalLayer):
         if value != given:
             warnings.warn(
                 f"OFT {field}={given} does not divide this layer's {n} input features "
-                f"({type(self.base_layer).__name__}); using {field}={value}."
+                f"({type(self.base_layer).__name__}); using {field}={value}.",
+                PeftWarning,
             )
         return (value, n // value) if field == "r" else (n // value, value)
 

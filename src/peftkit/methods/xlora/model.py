@@ -26,7 +26,7 @@ from torch import nn
 from ...config import PeftConfig
 from ...core.context import forward_memo, forward_options
 from ...core.tuner import AdapterModel
-from ...types import PeftType
+from ...types import PeftType, PeftWarning
 from ..lora.layer import LoraLayer
 from .cache import xlora_cache_class
 from .classifier import XLoraClassifier, expert_weights
@@ -469,11 +469,11 @@ def _fill_experts(model: nn.Module, sources: list, hub: dict[str, Any], box: lis
             experts.delete_adapter(name)
             if last:  # no complete source: real initial values for what the file lacks
                 warnings.warn(f"Expert {i} ({_where(path, sub)}) has no values for {len(result.missing_keys)} "
-                              f"tensors (e.g. {result.missing_keys[:2]}); they keep their initial values.")
+                              f"tensors (e.g. {result.missing_keys[:2]}); they keep their initial values.", PeftWarning)
                 experts.inject_adapter(name, lora_config)
                 set_peft_model_state_dict(experts, state, adapter_name=name)
         if result.unexpected_keys:
-            warnings.warn(f"Expert {i}: keys that fit nothing in the model: {result.unexpected_keys[:5]}")
+            warnings.warn(f"Expert {i}: keys that fit nothing in the model: {result.unexpected_keys[:5]}", PeftWarning)
 
 
 def _where(path: str, sub: str | None) -> str:
@@ -482,7 +482,7 @@ def _where(path: str, sub: str | None) -> str:
 
 def _read_expert(path: str, sub: str | None, hub: dict[str, Any]) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     """One expert's LoRA config and tensors; PEFT's X-LoRA sub-folder keys are read too."""
-    from ...peft_model import _load_adapter_file
+    from ...io.serialization import read_adapter_weights
 
     config = PeftConfig.from_pretrained(path, subfolder=sub, **hub)
     if config.peft_type != PeftType.LORA.value:
@@ -493,7 +493,7 @@ def _read_expert(path: str, sub: str | None, hub: dict[str, Any]) -> tuple[PeftC
                          "save it with path_initial_model_for_weight_conversion (a plain LoRA) and use that.")
     config.inference_mode = False
     state = {}
-    for key, value in _load_adapter_file(path, sub, hub).items():
+    for key, value in read_adapter_weights(path, sub, **hub).items():
         if key.startswith("base_model.lora_model."):  # PEFT's X-LoRA sub-folder layout
             key = "base_model." + key[len("base_model.lora_model."):]
         if ".lora_" in key:
