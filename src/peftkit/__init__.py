@@ -49,6 +49,7 @@ from .peft_model import (
     PeftModelForTokenClassification,
 )
 from .types import PeftType, PeftWarning, TaskType
+from .utils.status import cast_mixed_precision_params, get_layer_status, get_model_status
 from .utils.training import prepare_model_for_kbit_training
 
 LoraModel = AdapterModel  # PEFT's names for the per-method engines
@@ -59,6 +60,9 @@ LoHaModel = AdapterModel
 
 __all__ = [
     "load_peft_weights",
+    "cast_mixed_precision_params",
+    "get_layer_status",
+    "get_model_status",
     "PeftWarning",
     "prepare_model_for_kbit_training",
     "AdapterLayer",

@@ -109,6 +109,18 @@ class PeftModel(nn.Module):
                 trainable += n
         return trainable, total
 
+    def get_layer_status(self) -> list:
+        """Each adapter layer's state (``peftkit.get_layer_status``)."""
+        from .utils.status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        """The adapters' state over the whole model (``peftkit.get_model_status``)."""
+        from .utils.status import get_model_status
+
+        return get_model_status(self)
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
