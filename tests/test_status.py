@@ -56,7 +56,8 @@ def test_status_inside_disable_adapter_and_errors():
     assert model.get_model_status().enabled is True
     with pytest.raises(ValueError, match="No adapter layers"):
         peftkit.get_layer_status(torch.nn.Linear(2, 2))
-    prompt = peftkit.get_peft_model(tiny_llama(), peftkit.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    config = peftkit.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM")
+    prompt = peftkit.get_peft_model(tiny_llama(), config)
     with pytest.raises(TypeError, match="prompt learning"):
         prompt.get_layer_status()
 

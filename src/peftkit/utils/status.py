@@ -126,7 +126,9 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     engine = _engine(model)
     found = [(n, m) for n, m in engine.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
     if not found:
-        raise ValueError("No adapter layers found in the model: build it with get_peft_model or inject_adapter_in_model.")
+        raise ValueError(
+            "No adapter layers found in the model: build it with get_peft_model or inject_adapter_in_model."
+        )
     return [_layer_status(n, m) for n, m in found]
 
 
@@ -136,9 +138,10 @@ _ENGINE_NAMES = {"LORA": "LoraModel", "LOHA": "LoHaModel", "LOKR": "LoKrModel", 
 
 
 def _engine_name(model: Any) -> str:
-    engine = model.base_model
-    peft_type = str(getattr(model.peft_type, "value", model.peft_type))
-    return _ENGINE_NAMES.get(peft_type, type(engine).__name__) if type(engine).__name__ == "AdapterModel" else type(engine).__name__
+    name = type(model.base_model).__name__
+    if name != "AdapterModel":  # X-LoRA has its own engine
+        return name
+    return _ENGINE_NAMES.get(str(getattr(model.peft_type, "value", model.peft_type)), name)
 
 
 def _one_or_irregular(values: set) -> Any:
