@@ -89,10 +89,13 @@ def _polynomial(q: torch.Tensor, coef: list[float], eye: torch.Tensor) -> torch.
 
     top = (len(coef) - 1) // 2
     acc = linear(top)
+    # acc = c·I when the top term has no Q part: then no product is needed (c known here, not read back)
+    identity_multiple = coef[2 * top] if 2 * top + 1 >= len(coef) or coef[2 * top + 1] == 0.0 else None
     for j in range(top - 1, -1, -1):
         low = linear(j)
-        if acc.dim() == 2:  # a multiple of I: no product needed
-            acc = torch.add(low, q2, alpha=float(acc[0, 0]))
+        if identity_multiple is not None:
+            acc = torch.add(low, q2, alpha=identity_multiple)
+            identity_multiple = None
         else:
             acc = torch.baddbmm(low.expand_as(q), q2, acc)
     return acc

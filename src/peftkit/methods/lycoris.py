@@ -69,5 +69,11 @@ class LycorisLayer(AdapterLayer):
             self.scaling[adapter] = scale * self.alpha[adapter] / self.r[adapter]
 
     def _skip_module(self, adapter: str) -> bool:
-        """In training, skip the whole adapter for this forward with probability ``module_dropout``."""
-        return self.training and not bool(torch.rand(1) > self.module_dropout[adapter])
+        """In training, skip the whole adapter for this forward with probability ``module_dropout``.
+
+        The draw happens even at probability 0, as in PEFT (same random stream), except under
+        ``torch.compile``, where reading it back would break the graph in every layer.
+        """
+        if not self.training or (torch.compiler.is_compiling() and not self.module_dropout[adapter]):
+            return False
+        return not bool(torch.rand(1) > self.module_dropout[adapter])

@@ -39,6 +39,11 @@ class Magnitude(nn.Module):
         identity for the cache is ``stored`` (the tensor W is read from, e.g. a quantized layer's
         packed weight), else W itself.
         """
+        if torch.compiler.is_compiling():  # no cache: the keys (versions, data pointers) cannot be traced
+            w2d = w2d if isinstance(w2d, torch.Tensor) else w2d()
+            with torch.no_grad():
+                w_sq = w2d.float().pow(2).sum(1)
+            return row_norm_of_sum(w_sq, w2d, a, b, scale)
         ref = stored if stored is not None else w2d
         wkey = (ref._version, ref.data_ptr())
         key = (*wkey, a._version, b._version, a.data_ptr(), b.data_ptr(), scale)
