@@ -4,8 +4,8 @@ With W1 (a, c), W2 (b, d), out = a·b and in = c·d, the identity
 ``kron(W1, W2) vec(X) = vec(W1 X W2ᵀ)`` (X the input row reshaped to (c, d)) turns the
 update into two small matrix products. On a plain linear layer (nn.Linear, Conv1D) they run with
 the base op in one autograd node (``kernels.lokr``: no copies of the activation-sized middle
-product, 0.64 -> 0.60x PEFT's LoKr step in the bench); the dropouts and other layers take the
-general path (``adapt``). For a convolution, W2 carries the kernel,
+product; the bench's 3-step profile went from 1.10 s to 0.91 s, LoRA's being 0.80 s); the dropouts
+and other layers take the general path (``adapt``). For a convolution, W2 carries the kernel,
 (b, d, *k): the input's channels are split into (c, d), W1 mixes the c groups and W2 is an
 ordinary convolution from d to b channels, run with the batch widened by a (or c).
 
