@@ -15,12 +15,7 @@ from peftkit import LoKrConfig, get_peft_model
 from peftkit.kernels.lokr import lokr_linear, lokr_linear_reference
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @settings(max_examples=40, deadline=None)

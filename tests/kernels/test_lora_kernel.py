@@ -13,12 +13,7 @@ from torch.testing import assert_close
 from peftkit.kernels.lora import lora_linear, lora_linear_reference
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @settings(max_examples=30, deadline=None)
