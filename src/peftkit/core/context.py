@@ -56,16 +56,12 @@ def forward_options(adapter_names: Sequence[str] | None, owner: object = None) -
     shared = {"owner": owner} if owner is not None else None
     before = dict(_COMPILED_VIEW)
     _COMPILED_VIEW.update(adapter_names=names, memo=shared)
-    if torch.compiler.is_compiling():  # traced code reads the mirror only
-        try:
-            yield
-        finally:
-            _COMPILED_VIEW.update(before)
-        return
-    token, memo = _ADAPTER_NAMES.set(names), _MEMO.set(shared)
+    # traced code reads the mirror only (and cannot trace ContextVar.set)
+    tokens = None if torch.compiler.is_compiling() else (_ADAPTER_NAMES.set(names), _MEMO.set(shared))
     try:
         yield
     finally:
         _COMPILED_VIEW.update(before)
-        _MEMO.reset(memo)
-        _ADAPTER_NAMES.reset(token)
+        if tokens is not None:
+            _MEMO.reset(tokens[1])
+            _ADAPTER_NAMES.reset(tokens[0])
