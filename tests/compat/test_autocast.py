@@ -34,7 +34,7 @@ def _run(model, ids, train: bool):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(input_ids=ids).logits
     if not train:
-        return logits.float(), {}
+        return logits, {}
     logits.float().square().mean().backward()
     grads = {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if p.requires_grad}
     return logits.float(), grads
@@ -59,10 +59,24 @@ def test_autocast_matches_peft(method, model_name, train, tmp_path):
         model = lib.PeftModel.from_pretrained(build(model_name), tmp_path, is_trainable=True)
         results[name] = _run(model, ids, train)
     (kit_logits, kit_grads), (ref_logits, ref_grads) = results["peftkit"], results["peft"]
-    assert kit_logits.dtype == ref_logits.dtype
+    assert kit_logits.dtype == ref_logits.dtype  # in eval: the dtype the layers hand on, as PEFT's
     assert torch.isfinite(kit_logits).all()
     assert _rel(kit_logits, ref_logits) < 2e-2
     assert kit_grads.keys() == ref_grads.keys()
     for key in ref_grads:
         assert ref_grads[key] is not None and kit_grads[key] is not None, key
         assert _rel(kit_grads[key], ref_grads[key]) < 5e-2, key
+
+
+
+def test_dora_eval_hands_on_autocast_dtype():
+    """A DoRA layer with a bias, in eval under autocast, returns bfloat16 like the plain layer and PEFT's DoRA
+    (the float32 bias once turned its output into float32)."""
+    dtypes = {}
+    for name, lib in LIBS.items():
+        torch.manual_seed(0)
+        config = lib.LoraConfig(r=4, target_modules=["0"], use_dora=True, init_lora_weights=False)
+        model = lib.get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)), config).eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            dtypes[name] = model(torch.randn(4, 16)).dtype
+    assert dtypes == {"peft": torch.bfloat16, "peftkit": torch.bfloat16}

@@ -315,7 +315,10 @@ class LoraLayer(AdapterLayer):
             b_mod = self.lora_B[adapter]
             t = _add_scaled(out, F.linear(xa, self.lora_A[adapter].weight), b_mod.weight, b_mod.bias, scale)
         f = f.to(t.dtype)
-        return t * f if bias is None else torch.addcmul(bias, t - bias, f)  # b + f ⊙ (y − b + l)
+        if bias is None:
+            return t * f
+        bias = bias.to(t.dtype)  # under autocast the float32 bias would make the output float32
+        return torch.addcmul(bias, t - bias, f)  # b + f ⊙ (y − b + l)
 
     def adapt_lora_only(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """``s·B A x`` alone, in the output layout."""
