@@ -135,3 +135,25 @@ def test_load_peft_weights_equals_peft(tmp_path):
     assert ours.keys() == theirs.keys() and any(".blocks.0.attn." in k for k in ours)
     with pytest.raises(FileNotFoundError, match="save the adapter with save_pretrained first"):
         peftkit.load_peft_weights(str(tmp_path), device="cpu")
+
+
+def test_from_pretrained_and_load_adapter_apply_key_mapping(tmp_path):
+    """An adapter saved under other module names loads with ``key_mapping`` (PEFT's argument), in both libraries."""
+    import peft
+    from safetensors.torch import load_file, save_file
+
+    model = get_peft_model(llama(), lora())
+    model.save_pretrained(tmp_path / "a")
+    state = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    save_file({k.replace(".self_attn.", ".attention."): v for k, v in state.items()},
+              tmp_path / "a" / "adapter_model.safetensors")
+    mapping = {r"\.attention\.": ".self_attn."}
+    model.eval()
+    expected = model(input_ids=X).logits
+    for lib in (peftkit, peft):
+        loaded = lib.PeftModel.from_pretrained(llama(), str(tmp_path / "a"), key_mapping=mapping)
+        assert_close(loaded(input_ids=X).logits, expected)
+    other = PeftModel.from_pretrained(llama(), str(tmp_path / "a"), key_mapping=mapping)
+    other.load_adapter(str(tmp_path / "a"), "second", key_mapping=mapping)
+    other.set_adapter("second")
+    assert_close(other(input_ids=X).logits, expected)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .core.tuner import AdapterModel
-from .io.serialization import read_adapter_weights, save_state_dict
+from .io.serialization import read_adapter_weights, remap_keys, save_state_dict
 from .mapping import get_peft_model_state_dict, set_peft_model_state_dict
 from .types import PeftWarning, TaskType
 from .utils import trainer_compat
@@ -236,7 +236,8 @@ class PeftModel(nn.Module):
             adapter_name: the name to give the adapter.
             is_trainable: keep the adapter trainable; by default it is frozen for inference.
             config: use this config instead of the folder's ``adapter_config.json``.
-            **kwargs: ``subfolder`` and Hub options (``revision``, ``token``, ``cache_dir``...).
+            **kwargs: ``subfolder``, Hub options (``revision``, ``token``, ``cache_dir``...) and
+                ``key_mapping`` (regular expression -> replacement on the file's keys, as PEFT's).
         """
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         subfolder = kwargs.get("subfolder")
@@ -244,7 +245,7 @@ class PeftModel(nn.Module):
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
         config.inference_mode = not is_trainable
         config = _engine_class(config).loading_config(config, model_id, **kwargs)
-        state = read_adapter_weights(model_id, subfolder, **hub)
+        state = remap_keys(read_adapter_weights(model_id, subfolder, **hub), kwargs.get("key_mapping"))
         target_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, cls) if cls is PeftModel else cls
         peft_model = target_cls(model, config, adapter_name, low_cpu_mem_usage=True)
         peft_model._fill(adapter_name, config, state, fresh=True)
@@ -269,13 +270,14 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             # new values for an adapter this model has (Trainer resuming from a checkpoint): copied in
             # place, so an optimizer holding these parameters keeps working
-            result = set_peft_model_state_dict(self, read_adapter_weights(model_id, subfolder, **hub), adapter_name)
+            state = remap_keys(read_adapter_weights(model_id, subfolder, **hub), kwargs.get("key_mapping"))
+            result = set_peft_model_state_dict(self, state, adapter_name)
             if not is_trainable:
                 self.eval()
             return result
         config = kwargs.get("peft_config") or PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
         config.inference_mode = not is_trainable
-        state = read_adapter_weights(model_id, subfolder, **hub)
+        state = remap_keys(read_adapter_weights(model_id, subfolder, **hub), kwargs.get("key_mapping"))
         self._add_task_modules(config)
         self.base_model.inject_adapter(adapter_name, config, low_cpu_mem_usage=True)
         result = self._fill(adapter_name, config, state, fresh=False)

@@ -125,6 +125,12 @@ def load_peft_weights(
     state = read_adapter_weights(model_id, subfolder, "cpu" if str(device) == "mps" else device, **hub)
     if str(device) == "mps":
         state = {k: v.to(device) for k, v in state.items()}
+    return remap_keys(state, key_mapping)
+
+
+def remap_keys(state: dict[str, torch.Tensor], key_mapping: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """PEFT's ``key_mapping``: regular expression -> replacement on each key without its ``base_model.model.``
+    (or ``base_model.``) prefix, the first pattern that matches winning; no mapping, no change."""
     if not key_mapping:
         return state
     remapped = {}
