@@ -157,3 +157,36 @@ def test_from_pretrained_and_load_adapter_apply_key_mapping(tmp_path):
     other.load_adapter(str(tmp_path / "a"), "second", key_mapping=mapping)
     other.set_adapter("second")
     assert_close(other(input_ids=X).logits, expected)
+
+
+@pytest.mark.parametrize("method", ["lora", "loha"])
+def test_autocast_adapter_dtype_false_keeps_base_dtype_as_peft(tmp_path, method):
+    """``autocast_adapter_dtype=False`` over a bfloat16 base: adapters stay bfloat16, outputs equal PEFT's."""
+    import peft
+
+    def config(lib):
+        if method == "loha":
+            return lib.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False)
+        return lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+    def bf16_llama():
+        return llama().to(torch.bfloat16)
+
+    torch.manual_seed(3)
+    ref = peft.get_peft_model(bf16_llama(), config(peft), autocast_adapter_dtype=False)
+    ref.save_pretrained(tmp_path / "a")
+    ours = peftkit.get_peft_model(bf16_llama(), config(peftkit), autocast_adapter_dtype=False)
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.bfloat16}
+    loaded = PeftModel.from_pretrained(bf16_llama(), str(tmp_path / "a"), autocast_adapter_dtype=False, is_trainable=True)
+    assert {p.dtype for p in loaded.parameters() if p.requires_grad} == {torch.bfloat16}
+    ref.eval()
+    loaded.eval()
+    ours_logits, ref_logits = loaded(input_ids=X).logits.float(), ref(input_ids=X).logits.float()
+    assert float((ours_logits - ref_logits).norm() / ref_logits.norm()) < 2e-2  # bfloat16 rounding, other op order
+    loaded.train()
+    loaded(input_ids=X, labels=X).loss.backward()  # trains in bfloat16
+    assert all(p.grad.dtype == torch.bfloat16 for p in loaded.parameters() if p.requires_grad)
+    loaded.add_adapter("more", config(peftkit))  # later adapters follow the model's choice
+    assert {p.dtype for n, p in loaded.named_parameters() if ".more" in n} == {torch.bfloat16}
+    default = peftkit.get_peft_model(bf16_llama(), config(peftkit))
+    assert {p.dtype for p in default.parameters() if p.requires_grad} == {torch.float32}

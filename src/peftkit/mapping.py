@@ -36,7 +36,8 @@ def get_peft_model(
         peft_config: the adapter's config (``LoraConfig(...)``).
         adapter_name: the adapter's name.
         mixed: adapters of different methods in one model (not supported yet).
-        autocast_adapter_dtype: keep adapter weights in float32 over a half-precision base.
+        autocast_adapter_dtype: keep adapter weights in float32 over a half-precision base (False: in
+            the base's dtype, as PEFT).
         revision: the base model's Hub revision, recorded in the config.
         low_cpu_mem_usage: create the adapter on the meta device (for loading weights next).
 
@@ -47,15 +48,14 @@ def get_peft_model(
 
     if mixed:
         raise NotImplementedError("Adapters of different methods in one model (mixed=True) are not supported yet.")
-    if not autocast_adapter_dtype:
-        raise NotImplementedError("autocast_adapter_dtype=False is not supported: adapters over fp16/bf16 stay fp32.")
     if revision is not None:
         peft_config.revision = revision
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if name and peft_config.base_model_name_or_path is None:
         peft_config.base_model_name_or_path = name
     cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
-    return cls(model, peft_config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    return cls(model, peft_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def inject_adapter_in_model(

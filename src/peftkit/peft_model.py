@@ -52,6 +52,8 @@ class PeftModel(nn.Module):
         self._add_task_modules(peft_config)
         engine = _engine_class(peft_config)
         self.base_model = engine(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        if not autocast_adapter_dtype and hasattr(self.base_model, "set_upcast_adapters"):
+            self.base_model.set_upcast_adapters(False)  # adapters in the base's dtype, as PEFT keeps them then
         self.training = model.training
         self.special_peft_forward_args = {"adapter_names"}
         if checkpointing_is_on(model) and not getattr(model, "is_quantized", False):
@@ -247,7 +249,7 @@ class PeftModel(nn.Module):
         config = _engine_class(config).loading_config(config, model_id, **kwargs)
         state = remap_keys(read_adapter_weights(model_id, subfolder, **hub), kwargs.get("key_mapping"))
         target_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, cls) if cls is PeftModel else cls
-        peft_model = target_cls(model, config, adapter_name, low_cpu_mem_usage=True)
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage=True)
         peft_model._fill(adapter_name, config, state, fresh=True)
         if not is_trainable:
             peft_model.eval()

@@ -67,6 +67,8 @@ class AdapterLayer(nn.Module):
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "embedding", "conv")
     # Saved tensors whose size comes from the file when loading (not from the config).
     file_sized_attrs: ClassVar[tuple[str, ...]] = ()
+    # Adapters over a float16/bfloat16 base are kept in float32 (PEFT's autocast_adapter_dtype=True).
+    upcast_adapters: bool = True
     # Whether the method can adapt quantized linear layers (its forward adds to ``base_layer(x)``
     # and its merge goes through the dequantized weight).
     quantized_ok: ClassVar[bool] = False
@@ -218,11 +220,12 @@ class AdapterLayer(nn.Module):
         return w if isinstance(w, torch.Tensor) else next(self.base_layer.parameters())
 
     def adapter_dtype(self) -> torch.dtype:
-        """Adapter weights are kept in float32 over a half-precision or quantized base (stable training)."""
+        """Adapter weights are kept in float32 over a half-precision or quantized base (stable training),
+        unless ``upcast_adapters`` is off (``autocast_adapter_dtype=False``): then in the base's dtype."""
         dtype = self.anchor.dtype
         if self.ops.quant is not None or not dtype.is_floating_point:
             return torch.float32
-        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        return torch.float32 if self.upcast_adapters and dtype in (torch.float16, torch.bfloat16) else dtype
 
     def base_dtype(self) -> torch.dtype:
         """The floating dtype of the base weight (for a quantized layer: the dtype it was quantized from)."""

@@ -71,6 +71,8 @@ class AdapterModel(nn.Module):
         low_cpu_mem_usage: create the adapter's tensors on the meta device (to be loaded).
     """
 
+    upcast_adapters: bool = True  # see set_upcast_adapters
+
     def __init__(
         self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
     ) -> None:
@@ -133,6 +135,20 @@ class AdapterModel(nn.Module):
         ret = kwargs.get("num_return_sequences", getattr(gen_cfg, "num_return_sequences", 1) or 1)
         repeat = max(beams, ret) if beams > 1 else ret
         return [n for n in names for _ in range(repeat)]
+
+    def set_upcast_adapters(self, upcast: bool) -> None:
+        """Keep adapters over a float16/bfloat16 base in float32 (True, the default) or in the base's dtype.
+
+        PEFT's ``autocast_adapter_dtype``; applies to the adapters there are and to those added later.
+        """
+        self.upcast_adapters = upcast
+        for _, layer in self.adapter_layers():
+            layer.upcast_adapters = upcast
+            dtype = layer.adapter_dtype()
+            for adapter in layer.adapters:
+                for p in layer.adapter_parameters(adapter):
+                    if p.is_floating_point() and p.dtype != dtype:
+                        p.data = p.data.to(dtype)
 
     # ------------------------------------------------------------------ views
     @property
@@ -243,6 +259,7 @@ class AdapterModel(nn.Module):
                     module.add_adapter(adapter_name, config, device=device, **kwargs)
                     continue
                 layer = layer_cls(module)
+                layer.upcast_adapters = self.upcast_adapters
                 layer.active_adapters = [a for a in active]
                 layer.add_adapter(adapter_name, config, device=device, **kwargs)
                 layer.train(module.training)
