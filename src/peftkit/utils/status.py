@@ -56,8 +56,9 @@ class TunerModelStatus:
     quantization_backend: str | None | Irregular = None
 
 
-def _all_or_none(values: list[bool]) -> bool | Irregular:
-    return True if all(values) else (False if not any(values) else "irregular")
+def _one_or_irregular(values: set) -> Any:
+    """The one value every layer (or tensor) has, or "irregular"."""
+    return values.pop() if len(values) == 1 else "irregular"
 
 
 def _engine(model: nn.Module) -> nn.Module:
@@ -105,7 +106,7 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
         enabled=enabled,
         active_adapters=active,
         merged_adapters=merged,
-        requires_grad={a: _all_or_none(v) for a, v in grads.items()},
+        requires_grad={a: _one_or_irregular(set(v)) for a, v in grads.items()},
         available_adapters=sorted(available),
         devices={a: sorted(v) for a, v in devices.items()},
         quantization_backend=quant,
@@ -144,10 +145,6 @@ def _engine_name(model: Any) -> str:
     return _ENGINE_NAMES.get(str(getattr(model.peft_type, "value", model.peft_type)), name)
 
 
-def _one_or_irregular(values: set) -> Any:
-    return values.pop() if len(values) == 1 else "irregular"
-
-
 def get_model_status(model: nn.Module) -> TunerModelStatus:
     """The status of ``model``'s adapters as a whole (see ``get_layer_status`` for one layer's).
 
@@ -173,7 +170,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         trainable, total = PeftModel.get_nb_trainable_parameters(model)
     merged_somewhere = {a for s in layers for a in s.merged_adapters}
     unmerged = any((set(s.available_adapters) - set(s.merged_adapters)) & merged_somewhere for s in layers)
-    actives = {tuple(s.active_adapters) for s in layers}
+    active = _one_or_irregular({tuple(s.active_adapters) for s in layers})
     grads: dict[str, list[bool | str]] = defaultdict(list)
     devices: dict[str, set[str]] = defaultdict(set)
     for s in layers:
@@ -189,10 +186,9 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         total_params=total,
         num_adapter_layers=len(layers),
         enabled=_one_or_irregular({s.enabled for s in layers}),
-        active_adapters=list(_one_or_irregular(actives)) if len(actives) == 1 else "irregular",
+        active_adapters=active if active == "irregular" else list(active),
         merged_adapters="irregular" if unmerged else sorted(merged_somewhere),
-        requires_grad={a: True if all(v is True for v in vals) else False if all(v is False for v in vals)
-                       else "irregular" for a, vals in grads.items()},
+        requires_grad={a: _one_or_irregular(set(vals)) for a, vals in grads.items()},
         available_adapters=sorted({a for s in layers for a in s.available_adapters}),
         devices={a: sorted(v) for a, v in devices.items()},
         quantization_backend=_one_or_irregular({s.quantization_backend for s in layers}),
