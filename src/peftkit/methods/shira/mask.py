@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
 import zlib
 
 import numpy as np
@@ -19,65 +21,112 @@ def layer_seed(seed: int | None, name: str) -> int:
 
 def random_positions(numel: int, k: int, seed: int) -> torch.Tensor:
     """``k`` distinct positions in ``[0, numel)``, uniform over k-subsets, sorted int64; deterministic in ``seed``."""
-    return torch.from_numpy(_draw(numel, k, seed))
+    return torch.from_numpy(_draw(numel, k, seed).astype(np.int64, copy=False))
 
 
 def random_indices(shape: tuple[int, int], k: int, seed: int) -> torch.Tensor:
     """A weight's random mask as (2, k) int32 (row, col), in row-major order: ``random_positions`` split."""
     rows_n, cols = shape
-    flat = _draw(rows_n * cols, k, seed)
-    out = np.empty((2, k), dtype=np.int64 if rows_n * cols >= 2**31 else np.int32)
-    flat = flat.astype(out.dtype, copy=False)
+    flat = _draw(rows_n * cols, k, seed)  # int32 unless the weight has 2³¹ entries or more
+    out = np.empty((2, k), dtype=flat.dtype)
     np.floor_divide(flat, cols, out=out[0])
-    np.subtract(flat, out[0] * cols, out=out[1])
+    np.multiply(out[0], cols, out=out[1])
+    np.subtract(flat, out[1], out=out[1])
     return torch.from_numpy(out.astype(np.int32, copy=False))
 
 
 def _draw(numel: int, k: int, seed: int) -> np.ndarray:
-    """The positions behind ``random_positions``, drawn with numpy's PCG64 generator.
+    """The positions behind ``random_positions``, drawn with numpy's SFC64 generator.
 
     A full ``randperm(numel)`` (PEFT's draw) costs O(numel) per layer, and drawing with repeats
     then sorting costs O(k log k). Here every position is first kept independently with a
-    probability a little above ``k / numel``, walking the weight by geometric gaps (a Bernoulli
-    process comes out sorted, in O(k)); given its size, that set is a uniform subset. Dropping
-    a uniform choice of the few extra positions (or, rarely, adding missing ones from the rest)
-    leaves a uniform k-subset. numpy, not torch, because a layer's draw is a dozen small array
-    operations, where numpy's call overhead (and its generator) are about half of torch's:
-    0.27 -> 0.16 ms for a 512 x 512 layer, 0.53 -> 0.25 ms for 512 x 1376.
+    probability a little above ``k / numel`` (see ``_bernoulli_positions``: it comes out sorted,
+    in O(k)); given its size, that set is a uniform subset. Dropping a uniform choice of the few
+    extra positions (or, rarely, adding missing ones from the rest) leaves a uniform k-subset.
+    numpy, not torch: a layer's draw is a dozen small array operations, where numpy's call
+    overhead and its generators are about half of torch's.
     """
     if k > numel:
         raise ValueError(f"cannot choose {k} entries out of {numel}")
-    rng = np.random.default_rng(seed)
+    rng = _generator(seed)
     if 4 * k >= numel:
         return np.sort(rng.permutation(numel)[:k])
-    p = min(0.5, (k + 4.0 * math.sqrt(k) + 8.0) / numel)
-    log_q = math.log1p(-p)
-    parts, last = [], -1
-    while last < numel - 1:  # positions = last + running sum of Geometric(p) gaps
-        n = int((numel - 1 - last) * p * 1.02) + 32
-        u = rng.random(n)
-        np.negative(u, out=u)
-        np.log1p(u, out=u)  # log(1 - u), u in [0, 1): finite
-        u /= log_q
-        np.floor(u, out=u)
-        u += 1
-        pos = np.cumsum(u.astype(np.int64))
-        pos += last
-        parts.append(pos)
-        last = int(pos[-1])
-    pos = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    pos = pos[: int(np.searchsorted(pos, numel))]
+    pos = _bernoulli_positions(rng, numel, min(0.5, (k + 3.0 * math.sqrt(k) + 8.0) / numel))
     extra = pos.size - k
     if extra > 0:
-        keep = np.ones(pos.size, dtype=bool)
-        keep[rng.choice(pos.size, extra, replace=False)] = False
-        return pos[keep]  # stays sorted
+        return pos[_all_but(rng, pos.size, extra)]  # stays sorted
     if extra < 0:
         taken = np.zeros(numel, dtype=bool)
         taken[pos] = True
         rest = np.flatnonzero(~taken)
-        return np.sort(np.concatenate([pos, rest[rng.choice(rest.size, -extra, replace=False)]]))
+        return np.sort(np.concatenate([pos, rest[~_all_but(rng, rest.size, -extra)]]))
     return pos
+
+
+_GENERATORS = threading.local()
+
+
+def _generator(seed: int) -> np.random.Generator:
+    """An SFC64 generator started from a hash of ``seed``: one per thread, re-seeded per draw.
+
+    Setting the state from a BLAKE2b digest costs about a tenth of building a generator from
+    a seed (numpy's SeedSequence), which is a tenth of a layer's draw.
+    """
+    rng = getattr(_GENERATORS, "rng", None)
+    if rng is None:
+        rng = _GENERATORS.rng = np.random.Generator(np.random.SFC64(0))
+    digest = hashlib.blake2b(int(seed).to_bytes(16, "little", signed=True), digest_size=24).digest()
+    words = np.frombuffer(digest + (1).to_bytes(8, "little"), dtype="<u8")  # a, b, c and the counter w = 1
+    rng.bit_generator.state = {"bit_generator": "SFC64", "state": {"state": words.astype(np.uint64)},
+                               "has_uint32": 0, "uinteger": 0}
+    return rng
+
+
+def _bernoulli_positions(rng: np.random.Generator, numel: int, p: float) -> np.ndarray:
+    """Every position of ``[0, numel)`` kept independently with probability ``p``, sorted.
+
+    int32 while the positions surely fit (``numel`` below about 2³⁰), else int64.
+
+    The gaps between kept positions are 1 + Geometric(p): ``1 + floor(E / λ)`` with E ~ Exp(1)
+    and λ = -log(1 - p). E is ``-log(U)`` for U = (x + 1) / 2³² from 32 random bits x, computed
+    in float32 (a gap's law is off by ~1e-7 relative; half the memory traffic of float64, and
+    two draws per 64-bit output of the generator).
+    """
+    inv = -1.0 / math.log1p(-p)  # 1 / λ
+    top = np.float32(32 * math.log(2.0) * inv)  # -log(U) / λ = (32 log 2 - log(x + 1)) / λ
+    bits = rng.bit_generator
+    # a block can end past numel by 2 % + 32 / p at most (nearly surely): int32 when that fits
+    dtype = np.int32 if 2 * numel + 64 / p < 2**31 else np.int64
+    parts, last = [], -1
+    while last < numel - 1:
+        n = int((numel - 1 - last) * p * 1.02) + 32  # enough gaps to pass the end, nearly always
+        u = bits.random_raw((n + 1) // 2).view(np.uint32).astype(np.float32)
+        u += 1
+        np.log(u, out=u)
+        u *= np.float32(-inv)
+        u += top  # >= -1e-5 from rounding: truncates to gap 0 like the values in [0, 1)
+        gaps = u.astype(np.int32)
+        gaps += 1
+        pos = np.cumsum(gaps, dtype=dtype)
+        pos += last
+        parts.append(pos)
+        last = int(pos[-1])
+    pos = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return pos[: int(np.searchsorted(pos, numel))]
+
+
+def _all_but(rng: np.random.Generator, n: int, drop: int) -> np.ndarray:
+    """A boolean mask over ``n`` items with ``drop`` of them, a uniform choice, set False.
+
+    Draws with repeats until ``drop`` distinct items are hit (each round asks only for the number
+    still missing, so it never overshoots): the same set as one-at-a-time rejection, so uniform.
+    """
+    keep = np.ones(n, dtype=bool)
+    dropped = 0
+    while dropped < drop:
+        keep[rng.integers(0, n, drop - dropped)] = False
+        dropped = n - int(np.count_nonzero(keep))
+    return keep
 
 
 def random_mask(base_layer: nn.Module, r: int, random_seed: int | None = None, **kwargs: object) -> torch.Tensor:
