@@ -24,6 +24,10 @@ from .context import BASE_ADAPTER, current_adapter_names, group_rows
 from .quantized import describe, warn_rounding
 
 
+# Attribute values that can never be a parameter, buffer or submodule (see AdapterLayer.__setattr__).
+_PLAIN_TYPES = frozenset({dict, list, tuple, bool, int, float, str, BaseOps})
+
+
 class BufferDict(nn.Module):
     """Per-adapter tensors that follow ``.to()`` but are not parameters (SHiRA's positions).
 
@@ -55,6 +59,16 @@ class AdapterLayer(nn.Module):
     Subclasses set the class attributes and implement ``create``, ``adapt`` and
     ``delta_weight``; they may override ``merge_into`` for a faster in-place merge.
     """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A plain value (the per-adapter dicts, lists, flags, ops) lands where nn.Module.__setattr__
+        # would put it, without its chain of isinstance checks against Parameter, Module and Tensor:
+        # those were a quarter of building a layer (get_peft_model builds one per target).
+        if type(value) in _PLAIN_TYPES and name not in self._parameters and name not in self._modules and (
+                name not in self._buffers):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     prefix: ClassVar[str] = ""
     # Attributes holding per-adapter parameters (ModuleDict / ParameterDict): saved, trainable.
