@@ -48,15 +48,20 @@ class SparsePattern:
     """
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, flat: torch.Tensor, shape: tuple[int, int]) -> None:
-        """From canonical (row, col) pairs and storage positions, all (nnz,) int64, in file order."""
+        """From canonical (row, col) pairs (nnz,) of an integer dtype and storage positions (nnz,) int64, in file order.
+
+        When the file order is already the CSR order (a row-major mask on nn.Linear), ``col`` is
+        ``cols`` itself, so the CSR adds only ``crow`` to the positions the layer keeps anyway.
+        """
         self.flat, self.shape = flat, shape
         self.crow, self.col, self.order = _csr(rows, cols, shape[0], shape[1])
         self._transposed: tuple | None = None
-        self._zeros: dict[torch.dtype, torch.Tensor] = {}
 
     def coo(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Canonical (rows, cols) in CSR order."""
-        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.col.device), self.crow.diff())
+        rows = torch.repeat_interleave(
+            torch.arange(self.shape[0], device=self.col.device, dtype=self.col.dtype), self.crow.diff().long()
+        )
         return rows, self.col
 
     def values(self, v: torch.Tensor, transposed: bool = False) -> torch.Tensor:
@@ -81,14 +86,11 @@ class SparsePattern:
     def sampled_grad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``(gᵀ x)[i, j]`` at the pattern's positions, in file order; g (N, out), x (N, in)."""
         dtype = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
-        zeros = self._zeros.get(dtype)
-        if zeros is None or zeros.device != g.device:
-            # zeros, not empty: beta=0 still multiplies (0·NaN = NaN); never written to, so kept
-            zeros = torch.sparse_csr_tensor(
-                self.crow, self.col, torch.zeros(self.col.numel(), dtype=dtype, device=g.device), self.shape,
-                check_invariants=False,
-            )
-            self._zeros[dtype] = zeros
+        # zeros, not empty: beta=0 still multiplies (0·NaN = NaN); made per call, not kept (nnz floats per layer)
+        zeros = torch.sparse_csr_tensor(
+            self.crow, self.col, torch.zeros(self.col.numel(), dtype=dtype, device=g.device), self.shape,
+            check_invariants=False,
+        )
         # a row-major gᵀ: the kernel's own copy of the transposed view is ~10% slower (measured)
         vals = torch.sparse.sampled_addmm(zeros, g.t().to(dtype).contiguous(), x.to(dtype), beta=0.0).values()
         if self.order is None:
@@ -97,17 +99,17 @@ class SparsePattern:
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> tuple:
-    key = rows * n_cols + cols
+    """(crow, col, order) of the CSR of these positions; indices int32 when nnz and the columns fit in it."""
+    index_dtype = torch.int32 if max(rows.numel(), n_cols) < 2**31 else torch.int64
+    key = rows.long() * n_cols + cols
     order = torch.argsort(key)
     if bool((order[1:] > order[:-1]).all()):
-        order_out = None
-        col = cols
-        sorted_rows = rows
+        order_out, col, sorted_rows = None, cols, rows
     else:
         order_out, col, sorted_rows = order, cols[order], rows[order]
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
-    crow[1:] = torch.bincount(sorted_rows, minlength=n_rows).cumsum(0)
-    return crow, col.contiguous(), order_out
+    crow = torch.zeros(n_rows + 1, dtype=index_dtype, device=rows.device)
+    crow[1:] = torch.bincount(sorted_rows.long(), minlength=n_rows).cumsum(0)
+    return crow, col.to(index_dtype).contiguous(), order_out
 
 
 class _Patched:

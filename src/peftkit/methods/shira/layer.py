@@ -103,10 +103,10 @@ class ShiraLayer(AdapterLayer):
         cached = self._patterns.get(adapter)
         if cached is not None and cached[0] == key:
             return cached[1]
-        i0, i1 = idx[0].long(), idx[1].long()
+        i0, i1 = idx[0], idx[1]  # views of the buffer: the CSR columns can share its memory
         cols = self.base_layer.weight.shape[1]
         rows_c, cols_c = (i1, i0) if self.ops.transposed else (i0, i1)  # canonical (out, in)
-        pat = SparsePattern(rows_c, cols_c, i0 * cols + i1, (self.out_features, self.in_features))
+        pat = SparsePattern(rows_c, cols_c, i0.long() * cols + i1, (self.out_features, self.in_features))
         self._patterns[adapter] = (key, pat)
         return pat
 
