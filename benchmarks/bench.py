@@ -85,8 +85,12 @@ interleaved as above. Their results go to a second table, one row per (metric, r
 paired ratio peftkit SHiRA / reference, checked against SHIRA_TARGETS (pairs without a target are
 shown for context).
   shira_train_step      train_step with SHiRA (init 0, so the first-step loss equals the base's);
-                        children peftkit, peft, peftkit_lora, base. Targets: ≤ 0.8 × peft SHiRA,
+                        children peftkit, peft, peftkit_lora, base, base_sddmm (the frozen base's forward +
+                        backward that also computes, for every targeted layer, the r·(m+n) sampled entries of
+                        Gᵀ X with torch.sparse.sampled_addmm: an exact SHiRA values gradient, stock torch's
+                        cheapest, without the forward's W + S). Targets: ≤ 0.8 × peft SHiRA,
                         ≤ 1.1 × peftkit LoRA. Checked: first-step losses agree, equal parameter counts.
+                        Note: the floor base_sddmm / peft and base_sddmm / peftkit LoRA.
   shira_train_memory    train_memory with SHiRA; children peftkit, peft, peftkit_lora. Targets on the
                         peak (RSS, or CUDA alloc): ≤ peft SHiRA, ≤ peftkit LoRA. On CPU an extra row
                         (no target) gives the peak above the RSS after imports (the libraries' import
@@ -243,14 +247,16 @@ LIBS = ("peftkit", "peft")
 BASE = "base"
 # loha_train_step's floor: the frozen base plus the full gradient of every targeted weight (see _floor_notes)
 BASE_FT = "base_ft"
+# shira_train_step's floor: the frozen base plus every targeted layer's sampled gradient (see _floor_notes)
+BASE_SDDMM = "base_sddmm"
 # Reference children of the SHiRA cases: the same library running LoRA (r=16, alpha=32) instead.
 REF_LIBS = ("peftkit_lora", "peft_lora")
-CHILD_LIBS = (*LIBS, BASE, BASE_FT, *REF_LIBS)
+CHILD_LIBS = (*LIBS, BASE, BASE_FT, BASE_SDDMM, *REF_LIBS)
 MEMORY_CASES = ("train_memory", "shira_train_memory", "lokr_train_memory", "loha_train_memory", "ia3_train_memory",
                 "oft_train_memory", "boft_train_memory", "qlora_train_memory")
 # In a SHiRA case, "peftkit" and "peft" run SHiRA; the others are references for peftkit's SHiRA.
 SHIRA_LIBS = {
-    "shira_train_step": ["peftkit", "peft", "peftkit_lora", BASE],
+    "shira_train_step": ["peftkit", "peft", "peftkit_lora", BASE, BASE_SDDMM],
     "shira_train_memory": ["peftkit", "peft", "peftkit_lora"],
     "shira_switch_merged": ["peftkit", "peft", "peftkit_lora", "peft_lora"],
     "shira_get_peft_model": ["peftkit", "peft"],
@@ -278,7 +284,7 @@ METHOD_LIBS = {
 }
 # Names of the reference children in the method tables ("peftkit"/"peft": "<lib> <method>", see _label).
 LIB_LABELS = {"peftkit_lora": "peftkit LoRA", "peft_lora": "peft LoRA", BASE: "base",
-              BASE_FT: "base + targeted weights' gradients"}
+              BASE_FT: "base + targeted weights' gradients", BASE_SDDMM: "base + sampled gradients"}
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -664,19 +670,45 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     info: dict = {"import_s": import_s, "version": getattr(L, "__version__", None) if L else None,
                   "path": os.path.dirname(L.__file__) if L else None}
 
+    def sampled_gradient_hook(module) -> None:
+        """base_sddmm: in backward, (Gᵀ X) at r·(m+n) random positions of the module's weight, as a SHiRA
+        values gradient is computed (row-major Gᵀ, int32 CSR, zero values made per call), then dropped."""
+        out_f, in_f = module.weight.shape
+        k = RANK * (out_f + in_f)
+        flat = torch.randperm(out_f * in_f, generator=torch.Generator().manual_seed(SHIRA_SEED))[:k].sort().values
+        rows, cols = flat // in_f, (flat % in_f).to(torch.int32)
+        crow = torch.zeros(out_f + 1, dtype=torch.int32)
+        crow[1:] = torch.bincount(rows, minlength=out_f).cumsum(0)
+        crow, cols = crow.to(device), cols.to(device)
+
+        def forward_hook(mod, inputs, output):
+            x = inputs[0].detach().reshape(-1, in_f)
+
+            def grad_hook(g):
+                zeros = torch.sparse_csr_tensor(crow, cols, torch.zeros(k, device=g.device), (out_f, in_f),
+                                                check_invariants=False)
+                torch.sparse.sampled_addmm(zeros, g.reshape(-1, out_f).t().contiguous(), x, beta=0.0)
+
+            output.register_hook(grad_hook)
+
+        module.register_forward_hook(forward_hook)
+
     def train_setup(dora: bool = False):
         """A step function for this lib: a LoRA step, or the frozen base's forward + backward."""
         model = build(SMALL_LAYERS)
         ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1234)).to(device)
-        if lib in (BASE, BASE_FT):
+        if lib in (BASE, BASE_FT, BASE_SDDMM):
             model.requires_grad_(False)
             model.enable_input_require_grads()
             model.train()
+            targets = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in TARGET_MODULES]
             # base_ft: also every targeted weight's full gradient (fresh each step, no accumulation)
-            weights = [m.weight for n, m in model.named_modules()
-                       if lib == BASE_FT and n.rsplit(".", 1)[-1] in TARGET_MODULES]
+            weights = [m.weight for m in targets] if lib == BASE_FT else []
             for w in weights:
                 w.requires_grad_(True)
+            if lib == BASE_SDDMM:
+                for m in targets:
+                    sampled_gradient_hook(m)
 
             def step():
                 loss = model(input_ids=ids, labels=ids).loss
@@ -1241,7 +1273,7 @@ def summarise(children: list[dict], device: str) -> list[dict]:
 
 def _method_refs(libs) -> list[str]:
     """The reference children present, in a fixed order (peftkit's method is the numerator)."""
-    return [lib for lib in ("peft", "peftkit_lora", "peft_lora", BASE, BASE_FT) if lib in libs]
+    return [lib for lib in ("peft", "peftkit_lora", "peft_lora", BASE, BASE_FT, BASE_SDDMM) if lib in libs]
 
 
 def _vs_row(metric: str, kind: str, ref: str, raw: dict[str, list[float]], ratio: float | None) -> dict:
@@ -1475,6 +1507,17 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
                     floor = f"; floor of peftkit/peft (base/peft, paired) {1 / r:.3f}"
         out.append(f"- {step_case} cost above the frozen base (median per-repeat lib/base - 1): "
                    + ", ".join(parts) + floor)
+    if BASE_SDDMM in over:  # SHiRA: the values' gradient is (Gᵀ X) at the mask's positions
+        by_round = {}
+        for c in sh:
+            if c["case"] == step_case and c["samples"].get(step_case):
+                by_round.setdefault(c["round"], {})[c["lib"]] = c["samples"][step_case]
+        parts = [f"{lab(BASE_SDDMM)} / {lab(ref)} (paired) = {r:.3f}"
+                 for ref in ("peft", "peftkit_lora") if (r := _paired(by_round, BASE_SDDMM, ref)) is not None]
+        out.append(f"- {step_case} floor: an exact SHiRA step runs the base step plus the values' gradient, "
+                   f"(GᵀX) at the r·(m+n) positions of every targeted weight; with stock torch's sampled product "
+                   f"(torch.sparse.sampled_addmm, which needs Gᵀ and Xᵀ token-contiguous) that alone is "
+                   + ", ".join(parts))
     if BASE_FT in over:  # LoHa: dL/dW1 = (Gᵀ X) ⊙ W2 needs each targeted weight's full gradient Gᵀ X
         by_round = {}
         for c in sh:
