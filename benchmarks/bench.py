@@ -23,7 +23,7 @@ network is used (``HF_HUB_OFFLINE=1``).
 
 Usage::
 
-    python benchmarks/bench.py                 # full run (2 CPU cores: ~13 min quiet, 5 of them the
+    python benchmarks/bench.py                 # full run (2 CPU cores: ~14 min quiet, 5 of them the
                                                # shira_* cases; more when noisy)
     python benchmarks/bench.py --quick         # CI smoke (~5 min on 2 CPU cores, 2.5 of them shira_*)
     python benchmarks/bench.py --cases train_step,get_peft_model --json out.json
@@ -45,6 +45,8 @@ Cases:
                     batch 4 x 128, labels=input_ids: forward + backward + AdamW step.
                     ``base``: the frozen base's forward + backward with grad-requiring input
                     embeddings (the work any adapter step does anyway).
+                    16 repeats a round in a full run (the ratio sits near its target and single
+                    samples on a shared 2-core machine spread by ±30%).
   get_peft_model    get_peft_model on a 24-layer Llama (fresh base per repeat, not timed).
   merge_and_unload  merge_and_unload on the 4-layer model, init_lora_weights=False.
   save_load         save_pretrained to a temp dir (timed), then
@@ -315,7 +317,7 @@ XLORA_EXPERTS = 4
 
 # Timed samples per child, warm-up samples per child, and rounds (fresh sets of children).
 DEFAULT_REPEATS = {
-    "full": {"train_step": 8, "get_peft_model": 8, "merge_and_unload": 12, "save_load": 12, "train_memory": 1,
+    "full": {"train_step": 16, "get_peft_model": 8, "merge_and_unload": 12, "save_load": 12, "train_memory": 1,
              "dora_train_step": 10, "dora_eval_forward": 15, "mixed_batch": 20, "switch_merged": 10,
              "weighted_svd": 5, "shira_train_step": 8, "shira_train_memory": 1, "shira_switch_merged": 10,
              "shira_get_peft_model": 4, "shira_save_load": 12, "lokr_train_step": 8, "lokr_train_memory": 1,
