@@ -39,6 +39,26 @@ def test_positions_differ_between_seeds():
     assert len(dense) == 20
 
 
+def test_draws_are_the_same_in_other_threads():
+    """The generator is one per thread, re-seeded per draw: a draw depends on its seed only."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(50_000, 700, s) for s in range(12)]
+    alone = [random_positions(*j) for j in jobs]
+    with ThreadPoolExecutor(3) as pool:
+        threaded = list(pool.map(lambda j: random_positions(*j), jobs))
+    assert all(torch.equal(a, b) for a, b in zip(alone, threaded))
+
+
+@pytest.mark.parametrize("numel,k", [(3 * 2**30, 400), (2**29 + 7, 2_000)], ids=["int64_path", "int32_path"])
+def test_positions_of_huge_weights(numel, k):
+    """Large weights: int32 gaps and positions while they surely fit, int64 past that; no wrap-around."""
+    p = random_positions(numel, k, 3)
+    assert p.dtype == torch.int64 and p.shape == (k,)
+    assert torch.equal(p, torch.unique(p)) and int(p.min()) >= 0 and int(p.max()) < numel
+    assert int(p.max()) > numel // 2  # spread over the whole range
+
+
 def test_too_many_positions_raise():
     with pytest.raises(ValueError, match="cannot choose 11 entries out of 10"):
         random_positions(10, 11, 0)
@@ -120,6 +140,16 @@ def test_count_distinct_in_range_row_major(r):
         assert int(idx[0].min()) >= 0 and int(idx[0].max()) < m and int(idx[1].min()) >= 0 and int(idx[1].max()) < n
         flat = idx[0].long() * n + idx[1].long()
         assert torch.equal(flat, torch.unique(flat)), key  # distinct, in row-major order
+
+
+def test_csr_columns_share_the_positions_buffer():
+    """nn.Linear's row-major positions are already in CSR order: the kernel's columns are a view, not a copy."""
+    model = make("peftkit", "llama", r=2)
+    for key, layer in shira_layers(model).items():
+        pat = layer.pattern("default")
+        assert pat.order is None, key
+        assert pat.col.data_ptr() == layer.shira_indices["default"][1].data_ptr(), key
+        assert pat.crow.dtype == pat.col.dtype == torch.int32
 
 
 def test_r_too_large_raises_and_leaves_model_unchanged():
