@@ -21,7 +21,15 @@ from .core.layer import AdapterLayer
 from .core.tuner import AdapterModel
 from .core.wrappers import ModulesToSaveWrapper
 from .io.serialization import load_peft_weights
-from .mapping import get_peft_model, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from .mapping import (
+    get_base_model_state_dict,
+    get_peft_config,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from .methods.lokr import LoKrConfig, LoKrLayer
 from .methods.loha import LoHaConfig, LoHaLayer
 from .methods.ia3 import IA3Config, IA3Layer
@@ -48,7 +56,7 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from .types import PeftType, PeftWarning, TaskType
+from .types import NoMatchingPeftModuleError, PeftError, PeftType, PeftWarning, TaskType
 from .utils.status import cast_mixed_precision_params, get_layer_status, get_model_status
 from .utils.training import prepare_model_for_kbit_training
 
@@ -57,8 +65,27 @@ ShiraModel = AdapterModel
 IA3Model = AdapterModel
 LoKrModel = AdapterModel
 LoHaModel = AdapterModel
+OFTModel = AdapterModel
+BOFTModel = AdapterModel
+
+# PEFT's lookup tables (built from the method registry, now that every method is imported)
+from .mapping import (  # noqa: E402
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
 
 __all__ = [
+    "BOFTModel",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "NoMatchingPeftModuleError",
+    "OFTModel",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
+    "PeftError",
+    "get_base_model_state_dict",
+    "get_peft_config",
+    "set_base_model_state_dict",
     "load_peft_weights",
     "cast_mixed_precision_params",
     "get_layer_status",

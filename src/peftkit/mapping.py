@@ -58,6 +58,11 @@ def get_peft_model(
                low_cpu_mem_usage=low_cpu_mem_usage)
 
 
+def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
+    """The config a dict describes (its ``peft_type`` picks the class); unknown keys are dropped with a warning."""
+    return PeftConfig.from_dict(config_dict)
+
+
 def inject_adapter_in_model(
     peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default", low_cpu_mem_usage: bool = False
 ) -> nn.Module:
@@ -193,3 +198,90 @@ def _vocab_resized(model: nn.Module, config: PeftConfig) -> bool:
 def _normalise_key(key: str) -> str:
     """Accept keys saved without the ``base_model.model.`` prefix as well (``prompt_embeddings`` has none)."""
     return key if key.startswith("base_model.") or key == "prompt_embeddings" else "base_model.model." + key
+
+
+# ---------------------------------------------------------------------------- the base model's own state
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict under its own keys, as before any adapter was added.
+
+    Adapter tensors are left out, and the wrappers' infixes are taken out of the keys:
+    ``q_proj.base_layer.weight`` -> ``q_proj.weight``, ``score.original_module.weight`` ->
+    ``score.weight`` (the trained copies in ``modules_to_save`` are adapter state, left out).
+    """
+    return {original: value for original, (_, value) in _base_keys(model).items()}
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> LoadResult:
+    """Load a state dict keyed as the plain base model into the adapted model (the inverse of ``get_base_model_state_dict``).
+
+    Args:
+        model: the ``PeftModel`` (or a model with injected adapters).
+        state_dict: tensors under the base model's own keys.
+        strict: raise, before anything is loaded, if a key is missing or unexpected.
+
+    Returns:
+        ``(missing_keys, unexpected_keys)``, under the base model's own keys.
+    """
+    keys = _base_keys(model)
+    missing = [k for k in keys if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in keys]
+    if strict and (missing or unexpected):
+        raise RuntimeError(
+            "The state dict does not fit the base model; nothing was loaded."
+            + (f" Missing keys: {missing}." if missing else "")
+            + (f" Unexpected keys: {unexpected}." if unexpected else "")
+            + " Pass strict=False to load the keys that fit."
+        )
+    inner = _base_module(model)
+    inner.load_state_dict({keys[k][0]: v for k, v in state_dict.items() if k in keys}, strict=False)
+    return LoadResult(missing, unexpected)
+
+
+def _base_module(model: nn.Module) -> nn.Module:
+    """The user's model inside a PeftModel / engine (the adapted module tree itself)."""
+    tuner = model if isinstance(model, AdapterModel) else getattr(model, "base_model", None)
+    return tuner.model if isinstance(tuner, AdapterModel) else model
+
+
+def _base_keys(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+    """Base key -> (key in the adapted model, tensor), for every entry of the adapted model's state dict
+    that belongs to the base model."""
+    from .core.layer import AdapterLayer
+    from .core.wrappers import ModulesToSaveWrapper
+
+    inner = _base_module(model)
+    kept_child = {}  # wrapper path -> the child that holds the base module
+    for name, module in inner.named_modules():
+        if isinstance(module, AdapterLayer):
+            kept_child[name] = "base_layer"
+        elif isinstance(module, ModulesToSaveWrapper):
+            kept_child[name] = "original_module"
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    for key, value in inner.state_dict().items():
+        parts, path, original = key.split("."), "", []  # original: None once the key is adapter state
+        for part in parts:
+            keep = kept_child.get(path)
+            if keep is not None and part != keep:
+                original = None  # inside a wrapper but not under its base module: adapter state
+                break
+            if keep is None:
+                original.append(part)
+            path = f"{path}.{part}" if path else part
+        if original is not None:
+            out[".".join(original)] = (key, value)
+    return out
+
+
+def __getattr__(name: str) -> Any:
+    """PEFT's lookup tables, built on first use from the method registry."""
+    from .registry import registered_methods
+
+    if name == "PEFT_TYPE_TO_CONFIG_MAPPING":
+        return {spec.peft_type: spec.config for spec in registered_methods()}
+    if name == "PEFT_TYPE_TO_TUNER_MAPPING":  # the engine class peftkit builds for each method
+        return {spec.peft_type: spec.engine or AdapterModel for spec in registered_methods()}
+    if name == "MODEL_TYPE_TO_PEFT_MODEL_MAPPING":
+        from .peft_model import MODEL_TYPE_TO_PEFT_MODEL
+
+        return dict(MODEL_TYPE_TO_PEFT_MODEL)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -76,3 +76,9 @@ def get_method(peft_type: str | PeftType) -> MethodSpec:
         known = ", ".join(sorted(_METHODS))
         raise ValueError(f"Unknown peft_type {key!r}: peftkit knows {known}.") from None
 
+
+def registered_methods() -> list[MethodSpec]:
+    """Every known method, built-in ones included, in registration order."""
+    from . import methods  # noqa: F401  (registers the built-in methods)
+
+    return list(_METHODS.values())

@@ -44,3 +44,14 @@ class TaskType(str, enum.Enum):
 
 class PeftWarning(UserWarning):
     """The category of peftkit's warnings (PEFT's name): ``warnings.filterwarnings(..., category=PeftWarning)``."""
+
+
+class PeftError(Exception):
+    """The base class of peftkit's own errors (PEFT's ``PeftError``)."""
+
+
+class NoMatchingPeftModuleError(PeftError, ValueError):
+    """A config selected no module of the model (``target_modules`` matched nothing).
+
+    A ``ValueError`` too, so code written against either class catches it.
+    """

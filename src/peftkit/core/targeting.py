@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import nn
 
+from ..types import NoMatchingPeftModuleError
+
 ALL_LINEAR = "all-linear"
 
 
@@ -99,12 +101,12 @@ def pattern_value(pattern: dict[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-def no_match_error(config: Any, modules: list[tuple[str, nn.Module]], model: nn.Module) -> ValueError:
+def no_match_error(config: Any, modules: list[tuple[str, nn.Module]], model: nn.Module) -> NoMatchingPeftModuleError:
     """An error for a config that selects nothing, naming a few modules that do exist."""
     leaves = [n for n, m in modules if n and (not list(m.children()) or hasattr(m, "base_layer"))]
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in leaves})
     sample = ", ".join(suffixes[:12]) + (", ..." if len(suffixes) > 12 else "")
-    return ValueError(
+    return NoMatchingPeftModuleError(
         f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}"
         + (f" (exclude_modules={config.exclude_modules!r})" if getattr(config, "exclude_modules", None) else "")
         + f". Module names in this model end in: {sample}. Pass some of these as target_modules."

@@ -1,0 +1,115 @@
+"""PEFT's remaining top-level helpers under the same names: base-model state dicts, config from a dict,
+the error classes and the lookup tables, each checked against PEFT itself."""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import torch
+
+import peftkit
+
+from _helpers import LIBS, build, snapshot
+
+# (method, config kwargs, task) for the base-model state-dict checks
+CASES = {
+    "lora": ("LoraConfig", {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    "lora_modules_to_save": ("LoraConfig", {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}),
+    "dora": ("LoraConfig", {"r": 4, "target_modules": ["q_proj", "up_proj"], "use_dora": True}),
+    "loha": ("LoHaConfig", {"r": 2, "target_modules": ["k_proj", "o_proj"]}),
+    "ia3": ("IA3Config", {"target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
+    "shira": ("ShiraConfig", {"r": 1, "target_modules": ["q_proj", "gate_proj"], "random_seed": 3}),
+    "prompt_tuning": ("PromptTuningConfig", {"num_virtual_tokens": 3, "task_type": "CAUSAL_LM"}),
+}
+
+
+def _wrapped(lib_name: str, case: str):
+    cls_name, kwargs = CASES[case]
+    lib = LIBS[lib_name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lib.get_peft_model(build("llama"), getattr(lib, cls_name)(**kwargs))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_base_model_state_dict_equals_peft_and_the_plain_model(case):
+    plain = build("llama").state_dict()
+    ours = peftkit.get_base_model_state_dict(_wrapped("peftkit", case))
+    theirs = peft.get_base_model_state_dict(_wrapped("peft", case))
+    assert list(ours) == list(theirs) == list(plain)
+    assert all(torch.equal(ours[k], plain[k]) and torch.equal(theirs[k], plain[k]) for k in plain)
+
+
+@pytest.mark.parametrize("case", ["lora", "lora_modules_to_save", "shira", "prompt_tuning"])
+def test_set_base_model_state_dict_loads_like_peft(case):
+    new_base = build("llama", seed=7).state_dict()
+    models = {lib: _wrapped(lib, case) for lib in LIBS}
+    adapters_before = {lib: {k: v.clone() for k, v in peftkit.get_peft_model_state_dict(m).items()}
+                       for lib, m in [("peftkit", models["peftkit"])]}
+    out_ours = peftkit.set_base_model_state_dict(models["peftkit"], new_base)
+    out_theirs = peft.set_base_model_state_dict(models["peft"], new_base)
+    assert (list(out_ours.missing_keys), list(out_ours.unexpected_keys)) == (
+        list(out_theirs.missing_keys), list(out_theirs.unexpected_keys)) == ([], [])
+    for lib, m in models.items():
+        got = LIBS[lib].get_base_model_state_dict(m)
+        assert all(torch.equal(got[k], new_base[k]) for k in new_base), lib
+    after = peftkit.get_peft_model_state_dict(models["peftkit"])
+    assert all(torch.equal(after[k], v) for k, v in adapters_before["peftkit"].items())  # adapters untouched
+
+
+def test_set_base_model_state_dict_strict_errors_leave_the_model_unchanged():
+    model = _wrapped("peftkit", "lora_modules_to_save")
+    before = snapshot(model)
+    partial = build("llama", seed=7).state_dict()
+    dropped = next(iter(partial))
+    del partial[dropped]
+    partial["not.a.key"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="nothing was loaded") as err:
+        peftkit.set_base_model_state_dict(model, partial)
+    assert dropped in str(err.value) and "not.a.key" in str(err.value)
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    theirs = peft.set_base_model_state_dict(_wrapped("peft", "lora_modules_to_save"), partial, strict=False)
+    ours = peftkit.set_base_model_state_dict(model, partial, strict=False)
+    assert (list(ours.missing_keys), list(ours.unexpected_keys)) == (
+        list(theirs.missing_keys), list(theirs.unexpected_keys)) == ([dropped], ["not.a.key"])
+
+
+def test_no_match_error_classes():
+    cfg = peftkit.LoraConfig(target_modules=["nope"])
+    with pytest.raises(peftkit.NoMatchingPeftModuleError, match="matched no module") as err:
+        peftkit.get_peft_model(build("llama"), cfg)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, peftkit.PeftError)
+    with pytest.raises(peft.NoMatchingPeftModuleError):  # the oracle raises its class of the same name
+        peft.get_peft_model(build("llama"), peft.LoraConfig(target_modules=["nope"]))
+
+
+@pytest.mark.parametrize("config", [
+    {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"},
+    {"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+    {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 5, "task_type": "CAUSAL_LM"},
+])
+def test_get_peft_config_matches_peft(config):
+    ours, theirs = peftkit.get_peft_config(dict(config)), peft.get_peft_config(dict(config))
+    assert type(ours).__name__ == type(theirs).__name__
+    for key, value in config.items():
+        mine, other = getattr(ours, key), getattr(theirs, key)
+        norm = (lambda v: sorted(v) if isinstance(v, (set, list)) else str(getattr(v, "value", v)))
+        assert norm(mine) == norm(other) == norm(value), key
+
+
+def test_lookup_tables_name_peft_classes():
+    ours, theirs = peftkit.PEFT_TYPE_TO_CONFIG_MAPPING, peft.PEFT_TYPE_TO_CONFIG_MAPPING
+    assert len(ours) >= 12
+    for peft_type, cls in ours.items():
+        assert theirs[peft.PeftType(str(getattr(peft_type, "value", peft_type)))].__name__ == cls.__name__
+        assert ours[str(getattr(peft_type, "value", peft_type))] is cls  # str keys work, as with PEFT's enum
+    assert set(peftkit.PEFT_TYPE_TO_TUNER_MAPPING) == set(ours)
+    assert {k: v.__name__ for k, v in peftkit.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.items()} == {
+        k: v.__name__ for k, v in peft.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.items()}
+    from peftkit.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # also where PEFT keeps it
+
+    assert PEFT_TYPE_TO_CONFIG_MAPPING == ours
