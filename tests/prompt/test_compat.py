@@ -36,6 +36,18 @@ def test_same_init_same_logits_and_loss(name, method):
     assert_close(out_kit.loss, out_ref.loss, **EXACT)
 
 
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_get_prompt_matches_peft(method):
+    kit, ref = make("peftkit", "llama", method), make("peft", "llama", method)
+    got, want = kit.get_prompt(batch_size=2), ref.get_prompt(batch_size=2)
+    assert got.shape == want.shape == (2, N_VIRTUAL, want.shape[-1])
+    assert_close(got, want, **EXACT)
+    got.sum().backward()  # in training the prompt is a function of the trained tensors
+    assert all(p.grad is not None for n, p in kit.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="multitask"):
+        kit.get_prompt(batch_size=2, task_ids=torch.zeros(2, dtype=torch.long))
+
+
 @pytest.mark.parametrize("n", [2, 5])
 @pytest.mark.parametrize("name", NAMES)
 def test_text_init_uses_the_text_tokens(name, n):

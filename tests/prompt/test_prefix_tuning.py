@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 
@@ -229,3 +228,15 @@ def test_classification_models_match_peft_both_ways(build, task, tmp_path):
             loaded = LIBS[dst].PeftModel.from_pretrained(build(task), str(tmp_path / src)).eval()
         with torch.no_grad():
             assert torch.equal(loaded(**inputs).logits, out[src].logits)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_get_prompt_gives_peft_prefix_cache(config):
+    a, b = _make("peft", "llama", config), _make("peftkit", "llama", config)
+    with torch.no_grad():
+        ca, cb = a.get_prompt(batch_size=3), b.get_prompt(batch_size=3)
+    assert type(ca).__name__ == type(cb).__name__
+    assert len(ca.layers) == len(cb.layers) == 2
+    for la, lb in zip(ca.layers, cb.layers):
+        assert la.keys.shape == lb.keys.shape == (3, 2, CONFIGS[config]["num_virtual_tokens"], 8)
+        assert torch.allclose(la.keys, lb.keys, atol=1e-6) and torch.allclose(la.values, lb.values, atol=1e-6)

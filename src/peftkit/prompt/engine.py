@@ -183,6 +183,22 @@ class PromptModel(AdapterModel):
         table = self.prompt_encoder[adapter]()
         return table.to(dtype).unsqueeze(0).expand(batch_size, -1, -1)
 
+    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None, max_cache_len: int | None = None) -> Any:
+        """What the active adapter puts in front of a batch (PEFT's ``get_prompt``): the virtual token
+        embeddings (batch, tokens, token_dim), or for prefix tuning the cache holding its key/value prefixes.
+
+        ``task_ids`` (multitask prompt tuning) is not supported; ``max_cache_len`` is accepted for PEFT's
+        signature (the prefixes go into a dynamic cache, which grows as needed).
+        """
+        if task_ids is not None:
+            raise ValueError("task_ids are for multitask prompt tuning, which peftkit does not implement.")
+        if not self.active_adapters:
+            raise ValueError("No active adapter: add one or call set_adapter first.")
+        adapter = self.active_adapters[0]
+        if self._is_prefix(adapter):
+            return self.prefix_cache(adapter, batch_size)
+        return self.prompt(adapter, batch_size, self.word_embeddings.weight.dtype)
+
     def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
         """What a file stores for an adapter: the encoder's output, (total_virtual_tokens, token_dim)."""
         with torch.no_grad():
