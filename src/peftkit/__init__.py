@@ -67,6 +67,7 @@ LoKrModel = AdapterModel
 LoHaModel = AdapterModel
 OFTModel = AdapterModel
 BOFTModel = AdapterModel
+AdaptionPromptModel = AdapterModel
 
 # PEFT's lookup tables (built from the method registry, now that every method is imported)
 from .mapping import (  # noqa: E402
@@ -74,8 +75,10 @@ from .mapping import (  # noqa: E402
     PEFT_TYPE_TO_CONFIG_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
+from . import tuners  # noqa: E402, F401  (PEFT's import paths: peftkit.tuners.lora.LoraLayer, ...)
 
 __all__ = [
+    "AdaptionPromptModel",
     "BOFTModel",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "NoMatchingPeftModuleError",

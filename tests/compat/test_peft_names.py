@@ -113,3 +113,35 @@ def test_lookup_tables_name_peft_classes():
     from peftkit.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # also where PEFT keeps it
 
     assert PEFT_TYPE_TO_CONFIG_MAPPING == ours
+
+
+def test_tuners_import_paths():
+    """``peftkit.tuners.<method>`` offers PEFT's names (each one PEFT has there too), and isinstance works."""
+    import importlib
+
+    from peftkit.tuners import _MODULES
+    from peftkit.tuners.lora import LoraLayer, LoraModel
+    from peftkit.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+
+    for name, members in _MODULES.items():
+        ours, theirs = importlib.import_module(f"peftkit.tuners.{name}"), importlib.import_module(f"peft.tuners.{name}")
+        for member in members:
+            assert hasattr(ours, member) and hasattr(theirs, member), (name, member)
+    model = _wrapped("peftkit", "lora")
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, LoraLayer) and isinstance(q, BaseTunerLayer) and isinstance(model.base_model, LoraModel)
+    assert not isinstance(model.base_model.model.model.layers[0].self_attn.k_proj, BaseTunerLayer)
+    cfg = peftkit.LoraConfig(target_modules=["q_proj"])
+    assert check_target_module_exists(cfg, "model.layers.0.self_attn.q_proj")
+    assert not check_target_module_exists(cfg, "model.layers.0.self_attn.k_proj")
+
+
+def test_utils_names_are_peft_names():
+    import peft.utils
+
+    import peftkit.utils
+
+    for name in peftkit.utils.__all__:
+        assert hasattr(peft.utils, name), name
+    for name in ("CONFIG_NAME", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME"):
+        assert getattr(peftkit.utils, name) == getattr(peft.utils, name)
