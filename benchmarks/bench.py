@@ -89,9 +89,10 @@ shown for context).
   shira_train_step      train_step with SHiRA (init 0, so the first-step loss equals the base's);
                         children peftkit, peft, peftkit_lora, base, base_sddmm (the frozen base's forward +
                         backward that also computes, for every targeted layer, the r·(m+n) sampled entries of
-                        Gᵀ X with torch.sparse.sampled_addmm: an exact SHiRA values gradient, stock torch's
-                        cheapest, without the forward's W + S). Targets: ≤ 0.8 × peft SHiRA,
-                        ≤ 1.1 × peftkit LoRA. Checked: first-step losses agree, equal parameter counts.
+                        Gᵀ X with torch.sparse.sampled_addmm, Xᵀ made once per input as peftkit does: an exact
+                        SHiRA values gradient, stock torch's cheapest, without the forward's W + S). Targets:
+                        ≤ 0.8 × peft SHiRA, ≤ 1.1 × peftkit LoRA. Checked: first-step losses agree, equal
+                        parameter counts.
                         Note: the floor base_sddmm / peft and base_sddmm / peftkit LoRA.
   shira_train_memory    train_memory with SHiRA; children peftkit, peft, peftkit_lora. Targets on the
                         peak (RSS, or CUDA alloc): ≤ peft SHiRA, ≤ peftkit LoRA. On CPU an extra row
@@ -209,6 +210,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 
 MARK = "@@BENCH@@ "
 SHIRA_CASES = ("shira_train_step", "shira_train_memory", "shira_switch_merged", "shira_get_peft_model",
@@ -672,9 +674,12 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
     info: dict = {"import_s": import_s, "version": getattr(L, "__version__", None) if L else None,
                   "path": os.path.dirname(L.__file__) if L else None}
 
+    last_input: dict = {}  # base_sddmm: the last input seen and its token-major copy (q, k, v share one)
+
     def sampled_gradient_hook(module) -> None:
         """base_sddmm: in backward, (Gᵀ X) at r·(m+n) random positions of the module's weight, as a SHiRA
-        values gradient is computed (row-major Gᵀ, int32 CSR, zero values made per call), then dropped."""
+        values gradient is computed (row-major Gᵀ, Xᵀ made once per input tensor, int32 CSR, zero values
+        made per call), then dropped."""
         out_f, in_f = module.weight.shape
         k = RANK * (out_f + in_f)
         flat = torch.randperm(out_f * in_f, generator=torch.Generator().manual_seed(SHIRA_SEED))[:k].sort().values
@@ -684,12 +689,18 @@ def run_child(case: str, lib: str, args: argparse.Namespace) -> dict:
         crow, cols = crow.to(device), cols.to(device)
 
         def forward_hook(mod, inputs, output):
-            x = inputs[0].detach().reshape(-1, in_f)
+            src = inputs[0]
+            seen = last_input.get("entry")
+            if seen is not None and seen[0]() is src:
+                xt = seen[1]
+            else:
+                xt = src.detach().reshape(-1, in_f).t().contiguous()
+                last_input["entry"] = (weakref.ref(src), xt)
 
             def grad_hook(g):
                 zeros = torch.sparse_csr_tensor(crow, cols, torch.zeros(k, device=g.device), (out_f, in_f),
                                                 check_invariants=False)
-                torch.sparse.sampled_addmm(zeros, g.reshape(-1, out_f).t().contiguous(), x, beta=0.0)
+                torch.sparse.sampled_addmm(zeros, g.reshape(-1, out_f).t().contiguous(), xt.t(), beta=0.0)
 
             output.register_hook(grad_hook)
 
@@ -1518,7 +1529,8 @@ def method_notes(rows: list[dict], children: list[dict], method: str = "shira") 
                  for ref in ("peft", "peftkit_lora") if (r := _paired(by_round, BASE_SDDMM, ref)) is not None]
         out.append(f"- {step_case} floor: an exact SHiRA step runs the base step plus the values' gradient, "
                    f"(GᵀX) at the r·(m+n) positions of every targeted weight; with stock torch's sampled product "
-                   f"(torch.sparse.sampled_addmm, which needs Gᵀ and Xᵀ token-contiguous) that alone is "
+                   f"(torch.sparse.sampled_addmm, which needs Gᵀ and Xᵀ token-contiguous; Xᵀ made once per input) "
+                   f"that alone is "
                    + ", ".join(parts))
     if BASE_FT in over:  # LoHa: dL/dW1 = (Gᵀ X) ⊙ W2 needs each targeted weight's full gradient Gᵀ X
         by_round = {}

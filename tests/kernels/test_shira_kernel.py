@@ -205,3 +205,41 @@ def test_gradients_never_read_uninitialised_memory(transposed, nan_filled_empty)
     for got in results[:2]:
         for a, b in zip(got, results[2]):
             assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_reading_one_input_share_its_token_major_copy():
+    """q, k and v read the same tensor: the transposed input the values' gradient needs is made once,
+    and every layer's gradients still equal the dense definition's."""
+    from peftkit.kernels import shira as kernel
+
+    made = []
+    real = torch.Tensor.contiguous
+
+    def counting(t, *a, **kw):
+        out = real(t, *a, **kw)
+        if out.data_ptr() != t.data_ptr():
+            made.append(tuple(out.shape))
+        return out
+
+    x0 = torch.randn(2, 5, 6, dtype=torch.float64)
+    layers = [_setup(6, 4, 0.3, False, seed, shuffle=False) for seed in range(3)]
+    values = [torch.randn(p.flat.numel(), dtype=torch.float64, requires_grad=True) for _, _, p, _, _ in layers]
+    x = x0.clone().requires_grad_()
+    h = x * 1.0  # one tensor, read by three layers
+    torch.Tensor.contiguous = counting
+    try:
+        outs = [shira_linear(h, w, w2d, None, v, p) for (w, w2d, p, _, _), v in zip(layers, values)]
+    finally:
+        torch.Tensor.contiguous = real
+    assert made.count((6, 10)) == 1  # one (in, N) copy for the three layers
+    sum(o.sum() for o in outs).backward()
+    for (w, w2d, p, rows, cols), v in zip(layers, values):
+        v_ref = v.detach().clone().requires_grad_()
+        shira_linear_reference(x0, w2d, None, v_ref, rows, cols).sum().backward()
+        assert_close(v.grad, v_ref.grad)
+    y = torch.randn(3, 4)
+    first = kernel._token_major(y)
+    assert kernel._token_major(y) is first  # the same tensor at the same version: reused
+    y.add_(1.0)  # changed in place: not the same input any more
+    again = kernel._token_major(y)
+    assert again is not first and torch.equal(again, y.t())

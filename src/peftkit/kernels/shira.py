@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -83,16 +84,20 @@ class SparsePattern:
             self._transposed = (crow_t, col_t, order_t)
         return self._transposed
 
-    def sampled_grad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``(gᵀ x)[i, j]`` at the pattern's positions, in file order; g (N, out), x (N, in)."""
+    def sampled_grad(self, g: torch.Tensor, x: torch.Tensor | None = None, xt: torch.Tensor | None = None) -> torch.Tensor:
+        """``(gᵀ x)[i, j]`` at the pattern's positions, in file order; g (N, out), x (N, in) or xt = xᵀ (in, N).
+
+        The kernel dots token-contiguous rows of gᵀ and xᵀ: given ``xt`` (contiguous), it makes no copy of x.
+        """
         dtype = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
         # zeros, not empty: beta=0 still multiplies (0·NaN = NaN); made per call, not kept (nnz floats per layer)
         zeros = torch.sparse_csr_tensor(
             self.crow, self.col, torch.zeros(self.col.numel(), dtype=dtype, device=g.device), self.shape,
             check_invariants=False,
         )
+        mat2 = x.to(dtype) if xt is None else xt.to(dtype).t()  # (N, in); with xt, column-major already
         # a row-major gᵀ: the kernel's own copy of the transposed view is ~10% slower (measured)
-        vals = torch.sparse.sampled_addmm(zeros, g.t().to(dtype).contiguous(), x.to(dtype), beta=0.0).values()
+        vals = torch.sparse.sampled_addmm(zeros, g.t().to(dtype).contiguous(), mat2, beta=0.0).values()
         if self.order is None:
             return vals
         return torch.empty_like(vals).index_copy_(0, self.order, vals)
@@ -139,26 +144,49 @@ class _Patched:
 
 class _ShiraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, w2d, bias, values, pattern, scale):  # type: ignore[override]
+    def forward(ctx, x, weight, w2d, bias, values, pattern, scale, xt):  # type: ignore[override]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         with _Patched(weight, pattern.flat, values if scale == 1.0 else values * scale):
             out = F.linear(x2, w2d, bias)
-        ctx.save_for_backward(x2, values)
+        # backward needs x only for the values' gradient, and there token-major (xt): keep that instead
+        ctx.save_for_backward(x2 if xt is None else xt, values)
         ctx.weight, ctx.w2d, ctx.pattern, ctx.scale, ctx.x_shape = weight, w2d, pattern, scale, x.shape
+        ctx.token_major = xt is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x2, values = ctx.saved_tensors
+        x_saved, values = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_x = grad_v = None
         if ctx.needs_input_grad[0]:
             with _Patched(ctx.weight, ctx.pattern.flat, values if ctx.scale == 1.0 else values * ctx.scale):
                 grad_x = (g @ ctx.w2d).view(ctx.x_shape)
         if ctx.needs_input_grad[4]:
-            grad_v = ctx.pattern.sampled_grad(g, x2)
+            grad_v = (ctx.pattern.sampled_grad(g, xt=x_saved) if ctx.token_major
+                      else ctx.pattern.sampled_grad(g, x_saved))
             grad_v = (grad_v if ctx.scale == 1.0 else grad_v.mul_(ctx.scale)).to(values.dtype)
-        return grad_x, None, None, None, grad_v, None, None
+        return grad_x, None, None, None, grad_v, None, None, None
+
+
+_TOKEN_MAJOR = threading.local()
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as (in, N) contiguous, shared by the layers that read the same input tensor (q, k, v; gate, up).
+
+    One entry per thread, held weakly: it lives as long as the autograd graph that saved it, and is
+    reused only for the very same tensor at the same version.
+    """
+    entry = getattr(_TOKEN_MAJOR, "entry", None)
+    if entry is not None:
+        source, version, kept = entry
+        xt = kept()
+        if xt is not None and source() is x and version == x._version:
+            return xt
+    xt = x.reshape(-1, x.shape[-1]).t().contiguous()
+    _TOKEN_MAJOR.entry = (weakref.ref(x), x._version, weakref.ref(xt))
+    return xt
 
 
 def shira_linear(
@@ -181,7 +209,8 @@ def shira_linear(
         pattern: the positions.
         scale: multiplies the values.
     """
-    return _ShiraLinear.apply(x, weight, w2d, bias, values, pattern, scale)
+    training = values.requires_grad and torch.is_grad_enabled()
+    return _ShiraLinear.apply(x, weight, w2d, bias, values, pattern, scale, _token_major(x) if training else None)
 
 
 class _SparseDelta(torch.autograd.Function):
