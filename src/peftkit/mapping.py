@@ -72,7 +72,7 @@ def inject_adapter_in_model(
 
 
 def _tuner(model: nn.Module) -> AdapterModel:
-    tuner = model if isinstance(model, AdapterModel) else getattr(model, "base_model", model)
+    tuner = model if isinstance(model, AdapterModel) else getattr(model, "_engine", None) or getattr(model, "base_model", model)
     if not isinstance(tuner, AdapterModel):
         raise TypeError(f"Expected a PeftModel or AdapterModel, got {type(model).__name__}.")
     return tuner
@@ -239,7 +239,7 @@ def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
 
 def _base_module(model: nn.Module) -> nn.Module:
     """The user's model inside a PeftModel / engine (the adapted module tree itself)."""
-    tuner = model if isinstance(model, AdapterModel) else getattr(model, "base_model", None)
+    tuner = model if isinstance(model, AdapterModel) else getattr(model, "_engine", None) or getattr(model, "base_model", None)
     return tuner.model if isinstance(tuner, AdapterModel) else model
 
 

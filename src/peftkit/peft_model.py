@@ -1,7 +1,7 @@
 """``PeftModel`` and its task subclasses: a thin shell over the engine, with saving and loading.
 
 Nothing here branches on the adapter method. Model-level verbs (``merge_and_unload``,
-``set_adapter``, ...) live on the engine (``self.base_model``) and are reached through it.
+``set_adapter``, ...) live on the engine (``self._engine``) and are reached through it.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class PeftModel(nn.Module):
         self._add_task_modules(peft_config)
         engine = _engine_class(peft_config)
         self.base_model = engine(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-        if not autocast_adapter_dtype and hasattr(self.base_model, "set_upcast_adapters"):
-            self.base_model.set_upcast_adapters(False)  # adapters in the base's dtype, as PEFT keeps them then
+        if not autocast_adapter_dtype and hasattr(self._engine, "set_upcast_adapters"):
+            self._engine.set_upcast_adapters(False)  # adapters in the base's dtype, as PEFT keeps them then
         self.training = model.training
         self.special_peft_forward_args = {"adapter_names"}
         if checkpointing_is_on(model) and not getattr(model, "is_quantized", False):
@@ -64,9 +64,16 @@ class PeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name in ("base_model", "_engine"):
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self._engine, name)
+
+    @property
+    def _engine(self) -> AdapterModel:
+        """The adapter engine every model-level verb goes to: ``base_model`` itself for weight-space
+        methods (PEFT's ``LoraModel`` & co.); for prompt learning, where ``base_model`` is the user's
+        model (as in PEFT), the prompt engine kept beside it."""
+        return self.__dict__.get("_prompt_engine") or self._modules["base_model"]
 
     def _add_task_modules(self, config: PeftConfig) -> None:
         if not self.task_modules_to_save or not hasattr(config, "modules_to_save"):
@@ -77,15 +84,15 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------ views
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
-        return self.base_model.peft_config
+        return self._engine.peft_config
 
     @property
     def active_adapter(self) -> str | list[str]:
-        return self.base_model.active_adapter
+        return self._engine.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
-        return self.base_model.active_adapters
+        return self._engine.active_adapters
 
     @property
     def peft_type(self) -> str:
@@ -97,7 +104,7 @@ class PeftModel(nn.Module):
         return names or None
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+        return self._engine.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), each counted once."""
@@ -137,32 +144,32 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------ calls
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        return self._engine(*args, **kwargs)
 
     def _call(self, **kwargs: Any) -> Any:
         """Forward named inputs, leaving out the ones not given (models differ in what they accept)."""
         extra = kwargs.pop("kwargs", {})
-        return self.base_model(**{k: v for k, v in kwargs.items() if v is not None}, **extra)
+        return self._engine(**{k: v for k, v in kwargs.items() if v is not None}, **extra)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+        return self._engine.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a new adapter (not made active: call ``set_adapter``)."""
         self._add_task_modules(peft_config)
-        self.base_model.inject_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        self._engine.inject_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        self.base_model.set_adapter(adapter_name)
+        self._engine.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.base_model.delete_adapter(adapter_name)
+        self._engine.delete_adapter(adapter_name)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside this block the model runs as the base model."""
-        with self.base_model.disable_adapter():
+        with self._engine.disable_adapter():
             yield
 
     # ------------------------------------------------------------------ saving
@@ -195,7 +202,7 @@ class PeftModel(nn.Module):
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        self.base_model._check_adapters(names)
+        self._engine._check_adapters(names)
         if is_main_process is None:
             is_main_process = _is_rank_zero()
         base = self.get_base_model()
@@ -205,7 +212,7 @@ class PeftModel(nn.Module):
                 self, state_dict=kwargs.get("state_dict"), adapter_name=name, save_embedding_layers=save_embedding_layers
             )
             # companion files (X-LoRA's experts) are gathered on every rank too, and written on the main one
-            self.base_model.save_companions(folder, name, safe_serialization=safe_serialization, write=is_main_process)
+            self._engine.save_companions(folder, name, safe_serialization=safe_serialization, write=is_main_process)
             if not is_main_process:
                 continue
             config = self.peft_config[name]
@@ -281,7 +288,7 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         state = remap_keys(read_adapter_weights(model_id, subfolder, **hub), kwargs.get("key_mapping"))
         self._add_task_modules(config)
-        self.base_model.inject_adapter(adapter_name, config, low_cpu_mem_usage=True)
+        self._engine.inject_adapter(adapter_name, config, low_cpu_mem_usage=True)
         result = self._fill(adapter_name, config, state, fresh=False)
         if not is_trainable:
             self.eval()
@@ -301,19 +308,19 @@ class PeftModel(nn.Module):
                     f"(e.g. {result.missing_keys[:3]}); they keep their initial values.",
                     PeftWarning,
                 )
-            tensors = itertools.chain(self.base_model.parameters(), self.base_model.buffers())
+            tensors = itertools.chain(self._engine.parameters(), self._engine.buffers())
             if result.missing_keys and any(t.device.type == "meta" for t in tensors):
-                self.base_model.delete_adapter(adapter_name)
-                self.base_model.inject_adapter(adapter_name, config)
+                self._engine.delete_adapter(adapter_name)
+                self._engine.inject_adapter(adapter_name, config)
                 if fresh:
-                    self.base_model.set_adapter(adapter_name)
+                    self._engine.set_adapter(adapter_name)
                 result = set_peft_model_state_dict(self, state, adapter_name=adapter_name)
         except Exception:
             # leave the model as it was: drop the half-built adapter (and, for a fresh model, every trace)
             if adapter_name in self.peft_config:
-                self.base_model.delete_adapter(adapter_name)
-            if fresh and hasattr(self.base_model.model, "peft_config"):
-                del self.base_model.model.peft_config
+                self._engine.delete_adapter(adapter_name)
+            if fresh and hasattr(self._engine.model, "peft_config"):
+                del self._engine.model.peft_config
             raise
         if result.unexpected_keys:
             warnings.warn(
