@@ -1,7 +1,8 @@
 """``PeftModel`` and its task subclasses: a thin shell over the engine, with saving and loading.
 
 Nothing here branches on the adapter method. Model-level verbs (``merge_and_unload``,
-``set_adapter``, ...) live on the engine (``self._engine``) and are reached through it.
+``set_adapter``, ...) live on the engine (``self._engine``: ``base_model``, or for prompt learning
+the prompt engine kept beside the user's model) and are reached through it.
 """
 
 from __future__ import annotations
@@ -50,8 +51,16 @@ class PeftModel(nn.Module):
     ) -> None:
         super().__init__()
         self._add_task_modules(peft_config)
-        engine = _engine_class(peft_config)
-        self.base_model = engine(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        engine = _engine_class(peft_config)(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        if engine.state_prefix == "base_model.":
+            # prompt learning, laid out as PEFT's: base_model is the user's model, the prompt encoders and the
+            # word embeddings are this module's own children, and the engine (not a child) is kept beside
+            object.__setattr__(self, "_prompt_engine", engine)
+            self.base_model = model
+            self.prompt_encoder = engine.prompt_encoder
+            self.word_embeddings = engine.word_embeddings
+        else:
+            self.base_model = engine
         if not autocast_adapter_dtype and hasattr(self._engine, "set_upcast_adapters"):
             self._engine.set_upcast_adapters(False)  # adapters in the base's dtype, as PEFT keeps them then
         self.training = model.training
@@ -67,6 +76,13 @@ class PeftModel(nn.Module):
             if name in ("base_model", "_engine"):
                 raise
             return getattr(self._engine, name)
+
+    def train(self, mode: bool = True) -> PeftModel:
+        super().train(mode)
+        engine = self.__dict__.get("_prompt_engine")
+        if engine is not None:
+            engine.training = mode  # its sub-modules are this module's own, already switched
+        return self
 
     @property
     def _engine(self) -> AdapterModel:

@@ -140,7 +140,7 @@ def generate(model: Any, name: str, seed: int = 0, left_pad: bool = True, **kwar
 def prompt_table(model: Any, adapter: str = "default") -> torch.Tensor:
     """The virtual token embeddings an adapter feeds the model, for either library."""
     if isinstance(model, peftkit.PeftModel):
-        return model.base_model.get_prompt_embedding_to_save(adapter).clone()
+        return model.get_prompt_embedding_to_save(adapter).clone()
     # PEFT's get_prompt_embedding_to_save runs the P-tuning encoder, which a loaded (inference) adapter lacks
     assert adapter == model.active_adapter
     with torch.no_grad():

@@ -80,7 +80,7 @@ def test_only_active_adapter_trainable():
     _add(model, "peftkit", "llama", "other", "ptune_mlp")
 
     def trainable():
-        return {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
+        return {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}  # prompt_encoder.<adapter>...
 
     assert trainable() == {"default"}
     model.set_adapter("other")
@@ -110,7 +110,7 @@ def test_delete_adapter():
     _add(model, "peftkit", "llama", "other", "ptune_mlp")
     model.delete_adapter("other")
     assert list(model.peft_config) == ["default"]
-    assert list(model.base_model.prompt_encoder) == ["default"]
+    assert list(model.prompt_encoder) == ["default"]
     assert not any(".other." in n for n, _ in model.named_parameters())
     assert_close(forward(model, "llama").logits, expected, rtol=0, atol=0)
     with pytest.raises((ValueError, KeyError)):
@@ -147,7 +147,7 @@ def test_merge_raises():
     with pytest.raises(ValueError, match="merge"):
         model.merge_adapter()
     with pytest.raises(ValueError, match="merge"):
-        model.base_model.merge_and_unload()
+        model._engine.merge_and_unload()
     assert_close(forward(model, "llama").logits, expected, rtol=0, atol=0)  # nothing changed
 
 
@@ -173,7 +173,7 @@ def test_print_trainable_parameters_like_oracle(name, method):
         outs.append(buf.getvalue())
     assert outs[0] == outs[1]
     trainable, _ = kit.get_nb_trainable_parameters()
-    prompt = sum(p.numel() for p in kit.base_model.prompt_encoder.parameters())
+    prompt = sum(p.numel() for p in kit.prompt_encoder.parameters())
     head = 16 * 3 + 3 if name == "bert" else 0
     assert trainable == prompt + head
     if method.startswith("pt_"):
@@ -191,7 +191,7 @@ def test_loaded_p_tuning_is_a_plain_table(method, src, tmp_path):
     for trainable in (False, True):
         loaded = load("peftkit", "llama", tmp_path, is_trainable=trainable)
         loaded.eval()
-        encoder = loaded.base_model.prompt_encoder["default"]
+        encoder = loaded.prompt_encoder["default"]
         assert isinstance(encoder, PromptTable)
         names = [n for n, _ in encoder.named_parameters()]
         assert names == ["embedding.weight"]

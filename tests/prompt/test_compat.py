@@ -173,3 +173,24 @@ def test_saved_config_matches(tmp_path):
     save(make("peftkit", "llama", "ptune_lstm"), tmp_path / "kit")
     save(make("peft", "llama", "ptune_lstm"), tmp_path / "ref")
     assert read_config(str(tmp_path / "kit"))["peft_type"] == read_config(str(tmp_path / "ref"))["peft_type"] == "P_TUNING"
+
+
+@pytest.mark.parametrize("name,method", [("llama", "pt_random"), ("gpt2", "ptune_lstm"), ("bert", "ptune_mlp")],
+                         ids=["llama-pt", "gpt2-ptune_lstm", "bert-ptune_mlp"])
+def test_module_tree_and_full_state_dict_are_peft(name, method):
+    """base_model is the user's model and the prompt encoders hang off the PeftModel, as in PEFT:
+    the full state_dict has PEFT's keys and loads across the libraries."""
+    from transformers import PreTrainedModel
+
+    kit, ref = make("peftkit", name, method), make("peft", name, method, seed=7)
+    assert isinstance(kit.base_model, PreTrainedModel) and kit.base_model is kit.get_base_model()
+    assert list(kit.prompt_encoder) == ["default"] and kit.word_embeddings is kit.base_model.get_input_embeddings()
+    sd_kit, sd_ref = kit.state_dict(), ref.state_dict()
+    assert list(sd_kit) == list(sd_ref)
+    assert all(sd_kit[k].shape == sd_ref[k].shape for k in sd_ref)
+    kit.load_state_dict(sd_ref)  # PEFT's whole state into peftkit: same outputs
+    kit.eval(), ref.eval()
+    assert_close(forward(kit, name).logits, forward(ref, name).logits, **EXACT)
+    assert not kit._engine.training and not kit.prompt_encoder.training  # eval() reaches the engine too
+    kit.train()
+    assert kit._engine.training and kit.base_model.training

@@ -87,7 +87,7 @@ def test_explicit_config_values_round_trip(tmp_path):
         c = lib.PeftConfig.from_pretrained(str(tmp_path))
         assert (c.num_virtual_tokens, c.encoder_hidden_size, c.encoder_num_layers, c.encoder_dropout) == (7, 12, 1, 0.25)
         assert _value(c.encoder_reparameterization_type) == "LSTM"
-    assert tuple(model.base_model.prompt_encoder["default"].lstm_head.weight_ih_l0.shape) == (4 * 12, 16)
+    assert tuple(model.prompt_encoder["default"].lstm_head.weight_ih_l0.shape) == (4 * 12, 16)
     assert quiet(peftkit.PeftModel.from_pretrained, build("llama"), str(tmp_path)).peft_config["default"].num_virtual_tokens == 7
 
 

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 import peftkit
 
-from .helpers import N_VIRTUAL, batch, build, forward, generate, make, prompt_config, prompt_table, quiet
+from .helpers import N_VIRTUAL, batch, build, forward, generate, make, quiet
 
 EXACT = {"atol": 1e-6, "rtol": 1e-6}
 

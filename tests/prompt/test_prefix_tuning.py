@@ -119,7 +119,7 @@ def test_gqa_prefixes_are_sized_like_keys_and_values():
     m = _make("peftkit", "llama", "plain")
     cfg = m.peft_config["default"]
     assert (cfg.num_attention_heads, cfg.token_dim) == (2, 16)  # 2 kv heads × head_dim 8
-    cache = m.base_model.prefix_cache("default", batch_size=3)
+    cache = m._engine.prefix_cache("default", batch_size=3)
     assert cache.get_seq_length() == 4
     assert tuple(cache.layers[0].keys.shape) == (3, 2, 4, 8)
 
@@ -159,7 +159,7 @@ def test_a_loaded_projection_adapter_is_a_plain_table(tmp_path):
     _make("peftkit", "gpt2", "projection").save_pretrained(tmp_path)
     loaded = _load("peftkit", "gpt2", str(tmp_path))
     names = [n for n, _ in loaded.named_parameters() if "prompt_encoder" in n]
-    assert names == ["base_model.prompt_encoder.default.embedding.weight"]
+    assert names == ["prompt_encoder.default.embedding.weight"]
 
 
 def test_bad_setups_say_what_to_do():
@@ -175,14 +175,14 @@ def test_bad_setups_say_what_to_do():
     assert all(p.requires_grad for p in model.parameters())  # left as it was
     m = _make("peftkit", "gpt2", "plain")
     with pytest.raises(ValueError, match="past_key_values"):
-        m(**_inputs(), past_key_values=m.base_model.prefix_cache("default", 2))
+        m(**_inputs(), past_key_values=m._engine.prefix_cache("default", 2))
 
 
 def test_zero_init_starts_as_keys_and_values_of_zero():
     torch.manual_seed(0)
     cfg = peftkit.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, init_weights="zero")
     m = peftkit.get_peft_model(_gpt2(), cfg)
-    assert torch.count_nonzero(m.base_model.get_prompt_embedding_to_save("default")) == 0
+    assert torch.count_nonzero(m.get_prompt_embedding_to_save("default")) == 0
 
 
 def _bert(task: str):

@@ -68,7 +68,7 @@ def test_same_init_outputs_and_two_submodules_as_peft(model, method):
         oa, ob = a(**_batch()), b(**_batch())
     assert torch.equal(oa.logits, ob.logits) and torch.equal(oa.loss, ob.loss)
     assert b.peft_config["default"].num_transformer_submodules == 2
-    saved = b.base_model.get_prompt_embedding_to_save("default")
+    saved = b.get_prompt_embedding_to_save("default")
     if method == "prefix_tuning":  # n rows of layers · 2 · token_dim
         assert saved.shape == (4, 2 * 2 * 32)
     else:  # the table has 2·n rows (PEFT's layout); only the first n reach the encoder
@@ -97,7 +97,7 @@ def test_training_lowers_the_loss_and_touches_only_the_prompt():
     m = _make("peftkit", "t5", "prompt_tuning")
     m.train()
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
-    assert trainable == ["base_model.prompt_encoder.default.embedding.weight"]
+    assert trainable == ["prompt_encoder.default.embedding.weight"]
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=5e-2)
     losses = []
     for _ in range(8):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from .helpers import N_VIRTUAL, base_weights, batch, build, forward, load, make, prompt_table, quiet, save
+from .helpers import N_VIRTUAL, base_weights, batch, forward, load, make, prompt_table, quiet, save
 
 TRAIN_CASES = [("llama", "pt_random"), ("gpt2", "ptune_mlp"), ("llama", "ptune_lstm"), ("bert", "pt_vocab"),
                ("bert", "ptune_mlp")]
@@ -147,7 +147,7 @@ def test_loaded_trainable_keeps_training(method, tmp_path):
     save(make("peftkit", "llama", method), tmp_path)
     model = load("peftkit", "llama", tmp_path, is_trainable=True)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable == ["base_model.prompt_encoder.default.embedding.weight"]
+    assert trainable == ["prompt_encoder.default.embedding.weight"]
     before = prompt_table(model)
     losses = _train(model, "llama", steps=4)
     assert losses[-1] < losses[0]

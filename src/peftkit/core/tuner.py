@@ -72,6 +72,10 @@ class AdapterModel(nn.Module):
     """
 
     upcast_adapters: bool = True  # see set_upcast_adapters
+    # Where the user's model sits in the PeftModel's state_dict: inside the engine (PEFT's tuners:
+    # ``base_model.model.<path>``), or as ``base_model`` itself with the engine kept beside it (PEFT's
+    # prompt learning: ``base_model.<path>``, the prompt encoders under ``prompt_encoder.``).
+    state_prefix: str = "base_model.model."
 
     def __init__(
         self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False

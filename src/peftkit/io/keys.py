@@ -101,10 +101,10 @@ def adapter_key_map(tuner: AdapterModel, adapter: str) -> dict[str, Slot]:
     """Checkpoint key -> ``Slot`` for every tensor of one adapter."""
     out: dict[str, Slot] = dict(tuner.own_slots(adapter))
     file_prefix = PREFIX
+    state = tuner.state_prefix  # the user's model's place in the PeftModel's state_dict
     if hasattr(tuner, "prompt_encoder"):  # prompt learning: PEFT's file has no ".model" level
         file_prefix = "base_model."
-        mem = f"base_model.prompt_encoder.{adapter}.embedding.weight"
-        out["prompt_embeddings"] = PromptSlot(tuner, adapter, mem)
+        out["prompt_embeddings"] = PromptSlot(tuner, adapter, f"prompt_encoder.{adapter}.embedding.weight")
     for path, module in top_level_modules(tuner.model):
         base = path + "." if path else ""
         if isinstance(module, AdapterLayer):
@@ -113,7 +113,7 @@ def adapter_key_map(tuner: AdapterModel, adapter: str) -> dict[str, Slot]:
                 if adapter not in container:
                     continue
                 entry = container[adapter]
-                mem = f"{PREFIX}{base}{attr}.{adapter}"
+                mem = f"{state}{base}{attr}.{adapter}"
                 if isinstance(entry, torch.Tensor):
                     sized = attr in module.file_sized_attrs
                     out[PREFIX + base + module.checkpoint_name(attr)] = Slot(container, adapter, mem, module, sized)
@@ -123,7 +123,7 @@ def adapter_key_map(tuner: AdapterModel, adapter: str) -> dict[str, Slot]:
                         out[ckpt] = Slot(owner, leaf, f"{mem}.{sub}", module)
         elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
             for sub, owner, leaf in _tensors(module.modules_to_save[adapter]):
-                out[file_prefix + base + sub] = Slot(owner, leaf, f"{PREFIX}{base}modules_to_save.{adapter}.{sub}")
+                out[file_prefix + base + sub] = Slot(owner, leaf, f"{state}{base}modules_to_save.{adapter}.{sub}")
     for key, slot in _bias_slots(tuner, adapter).items():
         out.setdefault(key, slot)  # a trained modules_to_save copy wins over the original's bias
     return out
@@ -147,8 +147,7 @@ def _bias_slots(tuner: AdapterModel, adapter: str) -> dict[str, Slot]:
         if "modules_to_save." in path or path.endswith("original_module") or ".original_module." in path:
             continue
         if bias == "all" or id(module) in layer_bases:
-            key = f"{PREFIX}{path}.bias"
-            out[key] = Slot(module, "bias", key)
+            out[f"{PREFIX}{path}.bias"] = Slot(module, "bias", f"{tuner.state_prefix}{path}.bias")
     return out
 
 
@@ -202,6 +201,5 @@ def embedding_slots(tuner: AdapterModel, targeted: bool) -> dict[str, Slot]:
     for path, module in model.named_modules():
         if any(module is w for w in wanted):
             for sub, owner, leaf in _tensors(module):
-                key = f"{PREFIX}{path}.{sub}"
-                out[key] = Slot(owner, leaf, key)
+                out[f"{PREFIX}{path}.{sub}"] = Slot(owner, leaf, f"{tuner.state_prefix}{path}.{sub}")
     return out

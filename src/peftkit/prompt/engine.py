@@ -47,6 +47,8 @@ def _first(d: dict[str, Any], keys: Sequence[str]) -> Any:
 class PromptModel(AdapterModel):
     """Holds a frozen model and the prompt encoders of its prompt-learning adapters."""
 
+    state_prefix = "base_model."  # PeftModel keeps this engine beside the user's model (see AdapterModel)
+
     def __init__(
         self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
     ) -> None:
