@@ -71,9 +71,19 @@ def inject_adapter_in_model(
     return model
 
 
+def _engine_of(model: nn.Module) -> nn.Module | None:
+    """The adapter engine of a PeftModel (its ``_engine``), an engine itself, or None."""
+    if isinstance(model, AdapterModel):
+        return model
+    engine = getattr(model, "_engine", None)
+    if engine is None:
+        engine = getattr(model, "base_model", None)
+    return engine if isinstance(engine, AdapterModel) else None
+
+
 def _tuner(model: nn.Module) -> AdapterModel:
-    tuner = model if isinstance(model, AdapterModel) else getattr(model, "_engine", None) or getattr(model, "base_model", model)
-    if not isinstance(tuner, AdapterModel):
+    tuner = _engine_of(model)
+    if tuner is None:
         raise TypeError(f"Expected a PeftModel or AdapterModel, got {type(model).__name__}.")
     return tuner
 
@@ -239,8 +249,8 @@ def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
 
 def _base_module(model: nn.Module) -> nn.Module:
     """The user's model inside a PeftModel / engine (the adapted module tree itself)."""
-    tuner = model if isinstance(model, AdapterModel) else getattr(model, "_engine", None) or getattr(model, "base_model", None)
-    return tuner.model if isinstance(tuner, AdapterModel) else model
+    tuner = _engine_of(model)
+    return model if tuner is None else tuner.model
 
 
 def _base_keys(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:

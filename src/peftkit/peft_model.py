@@ -89,7 +89,8 @@ class PeftModel(nn.Module):
         """The adapter engine every model-level verb goes to: ``base_model`` itself for weight-space
         methods (PEFT's ``LoraModel`` & co.); for prompt learning, where ``base_model`` is the user's
         model (as in PEFT), the prompt engine kept beside it."""
-        return self.__dict__.get("_prompt_engine") or self._modules["base_model"]
+        engine = self.__dict__.get("_prompt_engine")
+        return self._modules["base_model"] if engine is None else engine
 
     def _add_task_modules(self, config: PeftConfig) -> None:
         if not self.task_modules_to_save or not hasattr(config, "modules_to_save"):

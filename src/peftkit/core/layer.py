@@ -60,16 +60,6 @@ class AdapterLayer(nn.Module):
     ``delta_weight``; they may override ``merge_into`` for a faster in-place merge.
     """
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # A plain value (the per-adapter dicts, lists, flags, ops) lands where nn.Module.__setattr__
-        # would put it, without its chain of isinstance checks against Parameter, Module and Tensor:
-        # those were a quarter of building a layer (get_peft_model builds one per target).
-        if type(value) in _PLAIN_TYPES and name not in self._parameters and name not in self._modules and (
-                name not in self._buffers):
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
     prefix: ClassVar[str] = ""
     # Attributes holding per-adapter parameters (ModuleDict / ParameterDict): saved, trainable.
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
@@ -103,6 +93,16 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A plain value (the per-adapter dicts, lists, flags, ops) lands where nn.Module.__setattr__
+        # would put it, without its chain of isinstance checks against Parameter, Module and Tensor:
+        # those were a quarter of building a layer (get_peft_model builds one per target).
+        if type(value) in _PLAIN_TYPES and name not in self._parameters and name not in self._modules and (
+                name not in self._buffers):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @classmethod
     def can_wrap(cls, module: nn.Module) -> bool:
