@@ -65,8 +65,7 @@ class PeftModel(nn.Module):
             self._engine.set_upcast_adapters(False)  # adapters in the base's dtype, as PEFT keeps them then
         self.training = model.training
         self.special_peft_forward_args = {"adapter_names"}
-        if checkpointing_is_on(model) and not getattr(model, "is_quantized", False):
-            enable_input_require_grads(model)  # checkpointing was on before wrapping: adapters need input grads
+        self.prepare_model_for_gradient_checkpointing(model)  # checkpointing was on before wrapping
         trainer_compat.install()  # transformers.Trainer: adapter-only checkpoints (see utils/trainer_compat.py)
 
     def __getattr__(self, name: str) -> Any:
@@ -110,6 +109,14 @@ class PeftModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return self._engine.active_adapters
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        return getattr(self.get_base_model(), "dtype", None)
 
     @property
     def peft_type(self) -> str:
@@ -183,6 +190,22 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         self._engine.delete_adapter(adapter_name)
 
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients on or off for these adapters (active or not); not for prompt learning, as in PEFT."""
+        if self.active_peft_config.is_prompt_learning:
+            raise TypeError(
+                f"set_requires_grad is not supported for prompt learning ({self.active_peft_config.peft_type}): "
+                "its prompt encoders train while their adapter is active."
+            )
+        self._engine.set_requires_grad(adapter_names, requires_grad)
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make ``model``'s input embeddings require grad when it checkpoints its blocks (so adapters inside
+        checkpointed blocks get gradients); a quantized model is left to ``prepare_model_for_kbit_training``."""
+        if checkpointing_is_on(model) and not getattr(model, "is_quantized", False):
+            enable_input_require_grads(model)
+        return model
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside this block the model runs as the base model."""
@@ -240,6 +263,39 @@ class PeftModel(nn.Module):
             os.makedirs(folder, exist_ok=True)
             save_state_dict(state, folder, safe_serialization=safe_serialization)
             config.save_pretrained(folder)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Upload the adapters, as ``save_pretrained`` writes them, to the Hub model repo ``repo_id``
+        (created if it does not exist). Returns the commit (its ``commit_url`` says where).
+
+        ``max_shard_size`` and ``tags`` are accepted for PEFT's signature (adapter files are not
+        sharded, and peftkit writes no model card); ``save_kwargs`` go to ``save_pretrained``.
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **save_kwargs)
+            return api.upload_folder(
+                repo_id=repo.repo_id, folder_path=folder, commit_message=commit_message or "Upload adapter with peftkit",
+                commit_description=commit_description, revision=revision, create_pr=create_pr,
+            )
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -145,3 +145,86 @@ def test_utils_names_are_peft_names():
         assert hasattr(peft.utils, name), name
     for name in ("CONFIG_NAME", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME"):
         assert getattr(peftkit.utils, name) == getattr(peft.utils, name)
+
+
+def _two_adapters(lib_name: str):
+    lib = LIBS[lib_name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lib.get_peft_model(build("llama"), lib.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                  modules_to_save=["lm_head"]))
+        model.add_adapter("other", lib.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    return model
+
+
+def _trainable(model) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_set_requires_grad_matches_peft():
+    models = {lib: _two_adapters(lib) for lib in LIBS}
+    steps = [(["other"], True), ("default", False), (["default", "other"], True), ("other", False)]
+    for names, flag in steps:
+        for m in models.values():
+            m.set_requires_grad(names, requires_grad=flag)
+        assert _trainable(models["peftkit"]) == _trainable(models["peft"]), (names, flag)
+    with pytest.raises(ValueError, match="Unknown adapter"):
+        models["peftkit"].set_requires_grad("nope")
+    prompt = _wrapped("peftkit", "prompt_tuning")
+    with pytest.raises(TypeError, match="prompt learning"):
+        prompt.set_requires_grad("default")
+
+
+def test_small_peft_model_properties():
+    for case in ("lora", "prompt_tuning"):
+        ours, theirs = _wrapped("peftkit", case), _wrapped("peft", case)
+        assert type(ours.active_peft_config).__name__ == type(theirs.active_peft_config).__name__
+        assert ours.base_model_torch_dtype == theirs.base_model_torch_dtype == torch.float32
+    half = peftkit.get_peft_model(build("llama").to(torch.bfloat16), peftkit.LoraConfig(target_modules=["q_proj"]))
+    assert half.base_model_torch_dtype == torch.bfloat16
+
+
+def test_prepare_model_for_gradient_checkpointing():
+    model = _wrapped("peftkit", "lora")
+    base = model.get_base_model()
+    ids = torch.randint(0, 64, (2, 5))
+    assert not base.get_input_embeddings()(ids).requires_grad
+    assert model.prepare_model_for_gradient_checkpointing(base) is base  # checkpointing off: nothing to do
+    assert not base.get_input_embeddings()(ids).requires_grad
+    base.gradient_checkpointing_enable()
+    model.prepare_model_for_gradient_checkpointing(base)
+    assert base.get_input_embeddings()(ids).requires_grad
+
+
+def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch, tmp_path):
+    """No network: the Hub client is replaced by one that records the calls and copies the folder."""
+    import shutil
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls["repo"] = (repo_id, private, exist_ok)
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, **kw):
+            calls["upload"] = {k: v for k, v in kw.items() if k != "folder_path"}
+            shutil.copytree(kw["folder_path"], tmp_path / "uploaded")
+            return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = _wrapped("peftkit", "lora")
+    out = model.push_to_hub("me/adapter", private=True, token="t0k", commit_message="first")
+    assert out == "commit-info" and calls["token"] == "t0k" and calls["repo"] == ("me/adapter", True, True)
+    assert calls["upload"]["repo_id"] == "me/adapter" and calls["upload"]["commit_message"] == "first"
+    model.save_pretrained(tmp_path / "local")
+    assert sorted(p.name for p in (tmp_path / "uploaded").iterdir()) == sorted(p.name for p in (tmp_path / "local").iterdir())
+    loaded = peftkit.PeftModel.from_pretrained(build("llama"), str(tmp_path / "uploaded"))
+    assert all(torch.equal(a, b) for a, b in zip(peftkit.get_peft_model_state_dict(loaded).values(),
+                                                 peftkit.get_peft_model_state_dict(model).values()))

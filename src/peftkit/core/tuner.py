@@ -336,12 +336,22 @@ class AdapterModel(nn.Module):
             module.set_adapter(self.active_adapters)
 
     def freeze_adapter(self, adapter_name: str) -> None:
+        self.set_requires_grad(adapter_name, False)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients on or off for these adapters' parameters (and their modules_to_save copies),
+        whether or not they are active; the others are left as they are."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_adapters(names)
         for _, layer in self.adapter_layers():
-            for p in layer.adapter_parameters(adapter_name):
-                p.requires_grad_(False)
+            for name in names:
+                for p in layer.adapter_parameters(name):
+                    p.requires_grad_(requires_grad)
         for _, module in self.wrappers():
-            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                module.modules_to_save[adapter_name].requires_grad_(False)
+            if isinstance(module, ModulesToSaveWrapper):
+                for name in names:
+                    if name in module.modules_to_save:
+                        module.modules_to_save[name].requires_grad_(requires_grad)
 
     # ------------------------------------------------------------------ adapter verbs
     def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
