@@ -283,15 +283,18 @@ def _base_keys(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
 
 
 def __getattr__(name: str) -> Any:
-    """PEFT's lookup tables, built on first use from the method registry."""
+    """PEFT's lookup tables, built once, on first use, from the method registry (then plain module globals)."""
     from .registry import registered_methods
 
     if name == "PEFT_TYPE_TO_CONFIG_MAPPING":
-        return {spec.peft_type: spec.config for spec in registered_methods()}
-    if name == "PEFT_TYPE_TO_TUNER_MAPPING":  # the engine class peftkit builds for each method
-        return {spec.peft_type: spec.engine or AdapterModel for spec in registered_methods()}
-    if name == "MODEL_TYPE_TO_PEFT_MODEL_MAPPING":
+        table = {spec.peft_type: spec.config for spec in registered_methods()}
+    elif name == "PEFT_TYPE_TO_TUNER_MAPPING":  # the engine class peftkit builds for each method
+        table = {spec.peft_type: spec.engine or AdapterModel for spec in registered_methods()}
+    elif name == "MODEL_TYPE_TO_PEFT_MODEL_MAPPING":
         from .peft_model import MODEL_TYPE_TO_PEFT_MODEL
 
-        return dict(MODEL_TYPE_TO_PEFT_MODEL)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        table = MODEL_TYPE_TO_PEFT_MODEL
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = table
+    return table

@@ -59,6 +59,18 @@ def test_positions_of_huge_weights(numel, k):
     assert int(p.max()) > numel // 2  # spread over the whole range
 
 
+def test_short_first_pass_is_topped_up(monkeypatch):
+    """When the first pass keeps fewer than k positions (rare), the rest are drawn from the unused ones."""
+    from peftkit.methods.shira import mask
+
+    real = mask._bernoulli_positions
+    monkeypatch.setattr(mask, "_bernoulli_positions", lambda rng, numel, p: real(rng, numel, p * 0.9))
+    for seed in range(5):
+        p = random_positions(100_000, 2_000, seed)
+        assert p.shape == (2_000,) and torch.equal(p, torch.unique(p)) and int(p.max()) < 100_000
+        assert torch.equal(random_positions(100_000, 2_000, seed), p)
+
+
 def test_too_many_positions_raise():
     with pytest.raises(ValueError, match="cannot choose 11 entries out of 10"):
         random_positions(10, 11, 0)
